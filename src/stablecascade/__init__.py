@@ -1,0 +1,7 @@
+"""stablecascade: Stable Cascade (Würstchen v3) text-to-image, in one library and CLI."""
+
+from .errors import CheckpointError, InputError, StableCascadeError
+from .pipeline import StableCascadePipeline, load_pipeline
+
+__version__ = "0.1.0"
+__all__ = ["load_pipeline", "StableCascadePipeline", "StableCascadeError", "CheckpointError", "InputError"]

@@ -1,0 +1,387 @@
+"""Checkpoint formats: official single files and diffusers-layout folders, both ways.
+
+- Official files are flat safetensors state dicts whose keys are our module names (`official-spec.md` §3).
+- diffusers splits the fused attention projection into `to_q/to_k/to_v`, renames `out_proj` to `to_out.0`, Stage B's
+  `clip_mapper` to `clip_txt_pooled_mapper` and Stage A's codebook to `vquantizer.embedding`
+  (`diffusers-spec.md` §2), and keeps the model config in a `config.json` beside the weights.
+- Models are built on the meta device and the file's tensors are assigned straight in the target dtype and
+  device, so loading never holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .configs import STAGE_B, STAGE_C, StageAConfig, StageBConfig, StageCConfig, UNetConfig
+from .errors import CheckpointError
+from .models import EfficientNetEncoder, Previewer, StageA, StageB, StageC
+
+PathLike = Union[str, Path]
+KIND_NAMES = {"stage_c": "Stage C (prior)", "stage_b": "Stage B (decoder)", "stage_a": "Stage A (VQGAN)",
+              "effnet": "EfficientNet encoder", "previewer": "Previewer", "controlnet": "ControlNet",
+              "lora": "LoRA", "text_encoder": "CLIP text encoder"}
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+CONFIG_METADATA_KEY = "stablecascade_config"
+
+
+# ----------------------------------------------------------------------------------------------- reading files
+def read_state_dict(path: PathLike, dtype: Optional[torch.dtype] = None, device="cpu") -> tuple[dict, dict]:
+    """(state dict, metadata) of a safetensors file; floating tensors are cast to `dtype` one at a time."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickle checkpoints ({path.suffix}) can run arbitrary code when loaded and are refused. "
+            "Use the .safetensors release of this model, or convert the file once in a trusted environment "
+            "(torch.load + safetensors.torch.save_file)."
+        )
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}. Check the path, or run `stablecascade download`.")
+    state = {}
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}). It may be truncated or corrupt: download it again."
+        ) from None
+    return state, metadata
+
+
+def detect_kind(state: dict) -> str:
+    """Which component a state dict (official or diffusers naming) holds."""
+    keys = state.keys()
+    if "clip_txt_mapper.weight" in keys:
+        return "stage_c"
+    if "effnet_mapper.0.weight" in keys or "clip_mapper.weight" in keys or "clip_txt_pooled_mapper.weight" in keys:
+        return "stage_b"
+    if "vquantizer.codebook.weight" in keys or "vquantizer.embedding.weight" in keys:
+        return "stage_a"
+    if any(k.startswith("projections.") for k in keys):
+        return "controlnet"
+    if "mapper.0.weight" in keys and any(k.startswith("backbone.") for k in keys):
+        return "effnet"
+    if keys and all(k.startswith("blocks.") for k in keys):
+        return "previewer"
+    if any(".lora_down" in k or "lora_up" in k for k in keys):
+        return "lora"
+    if any(k.startswith("text_model.") for k in keys):
+        return "text_encoder"
+    raise CheckpointError("the file holds no Stable Cascade component that this package recognises")
+
+
+# ------------------------------------------------------------------------------------------ key mapping
+_ATTN = re.compile(r"^(.*\.attention)\.(?:attn\.(in_proj_weight|in_proj_bias|out_proj\.weight|out_proj\.bias)"
+                   r"|(to_q|to_k|to_v|to_out\.0)\.(weight|bias))$")
+
+
+def official_to_diffusers(state: dict, kind: str) -> dict:
+    out = {}
+    for key, t in state.items():
+        m = _ATTN.match(key)
+        if m and m.group(2):
+            prefix, name = m.group(1), m.group(2)
+            if name.startswith("in_proj"):
+                suffix = "weight" if name.endswith("weight") else "bias"
+                for part, chunk in zip(("to_q", "to_k", "to_v"), t.chunk(3, dim=0)):
+                    out[f"{prefix}.{part}.{suffix}"] = chunk
+            else:
+                out[f"{prefix}.to_out.0.{name.split('.')[-1]}"] = t
+        elif kind == "stage_b" and key.startswith("clip_mapper."):
+            out["clip_txt_pooled_mapper." + key.split(".", 1)[1]] = t
+        elif kind == "stage_a" and key == "vquantizer.codebook.weight":
+            out["vquantizer.embedding.weight"] = t
+        else:
+            out[key] = t
+    return out
+
+
+def diffusers_to_official(state: dict, kind: str) -> dict:
+    out, qkv = {}, {}
+    for key, t in state.items():
+        m = _ATTN.match(key)
+        if m and m.group(3):
+            prefix, part, suffix = m.group(1), m.group(3), m.group(4)
+            if part == "to_out.0":
+                out[f"{prefix}.attn.out_proj.{suffix}"] = t
+            else:
+                qkv.setdefault((prefix, suffix), {})[part] = t
+        elif kind == "stage_b" and key.startswith("clip_txt_pooled_mapper."):
+            out["clip_mapper." + key.split(".", 1)[1]] = t
+        elif kind == "stage_a" and key == "vquantizer.embedding.weight":
+            out["vquantizer.codebook.weight"] = t
+        else:
+            out[key] = t
+    for (prefix, suffix), parts in qkv.items():
+        if set(parts) != {"to_q", "to_k", "to_v"}:
+            raise CheckpointError(f"attention weights of {prefix} are incomplete: found only {sorted(parts)}")
+        out[f"{prefix}.attn.in_proj_{suffix}"] = torch.cat([parts["to_q"], parts["to_k"], parts["to_v"]])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- configs
+_BLOCK_TYPES = {"SDCascadeResBlock": "C", "SDCascadeTimestepBlock": "T", "SDCascadeAttnBlock": "A"}
+
+
+def config_from_diffusers(cfg: dict, kind: str):
+    """Our config from a diffusers `config.json` (StableCascadeUNet or PaellaVQModel)."""
+    if kind == "stage_a":
+        return StageAConfig(levels=cfg.get("levels", 2), bottleneck_blocks=cfg.get("bottleneck_blocks", 12),
+                            c_hidden=cfg.get("embed_dim", 384), c_latent=cfg.get("latent_channels", 4),
+                            codebook_size=cfg.get("num_vq_embeddings", 8192),
+                            scale_factor=cfg.get("scale_factor", 0.3764))
+    common = dict(
+        c_in=cfg["in_channels"], c_out=cfg["out_channels"], c_r=cfg.get("timestep_ratio_embedding_dim", 64),
+        patch_size=cfg["patch_size"], c_cond=cfg["conditioning_dim"], c_hidden=tuple(cfg["block_out_channels"]),
+        nhead=tuple(cfg["num_attention_heads"]),
+        blocks=(tuple(cfg["down_num_layers_per_block"]), tuple(cfg["up_num_layers_per_block"])),
+        block_repeat=(tuple(cfg["down_blocks_repeat_mappers"]), tuple(cfg["up_blocks_repeat_mappers"])),
+        level_config=tuple("".join(_BLOCK_TYPES[b] for b in level) for level in cfg["block_types_per_layer"]),
+        t_conds=tuple(cfg.get("timestep_conditioning_type", ())), dropout=tuple(cfg["dropout"]),
+        kernel_size=cfg.get("kernel_size", 3), self_attn=cfg.get("self_attn", True),
+    )
+    if kind == "stage_c":
+        return StageCConfig(**common, c_clip_text=cfg["clip_text_in_channels"],
+                            c_clip_text_pooled=cfg["clip_text_pooled_in_channels"],
+                            c_clip_img=cfg["clip_image_in_channels"], c_clip_seq=cfg.get("clip_seq", 4))
+    return StageBConfig(**common, c_clip=cfg["clip_text_pooled_in_channels"], c_clip_seq=cfg.get("clip_seq", 4),
+                        c_effnet=cfg.get("effnet_in_channels"), c_pixels=cfg.get("pixel_mapper_in_channels"))
+
+
+def config_to_diffusers(config) -> dict:
+    if isinstance(config, StageAConfig):
+        return {"_class_name": "PaellaVQModel", "in_channels": 3, "out_channels": 3, "up_down_scale_factor": 2,
+                "levels": config.levels, "bottleneck_blocks": config.bottleneck_blocks, "embed_dim": config.c_hidden,
+                "latent_channels": config.c_latent, "num_vq_embeddings": config.codebook_size,
+                "scale_factor": config.scale_factor}
+    names = {v: k for k, v in _BLOCK_TYPES.items()}
+    out = {
+        "_class_name": "StableCascadeUNet", "in_channels": config.c_in, "out_channels": config.c_out,
+        "timestep_ratio_embedding_dim": config.c_r, "patch_size": config.patch_size, "conditioning_dim": config.c_cond,
+        "block_out_channels": list(config.c_hidden), "num_attention_heads": list(config.nhead),
+        "down_num_layers_per_block": list(config.blocks[0]), "up_num_layers_per_block": list(config.blocks[1]),
+        "down_blocks_repeat_mappers": list(config.block_repeat[0]),
+        "up_blocks_repeat_mappers": list(config.block_repeat[1]),
+        "block_types_per_layer": [[names[k] for k in level] for level in config.level_config],
+        "kernel_size": config.kernel_size, "dropout": list(config.dropout), "self_attn": config.self_attn,
+        "timestep_conditioning_type": list(config.t_conds), "clip_seq": config.c_clip_seq,
+    }
+    if isinstance(config, StageCConfig):
+        out.update(clip_text_in_channels=config.c_clip_text, clip_text_pooled_in_channels=config.c_clip_text_pooled,
+                   clip_image_in_channels=config.c_clip_img, switch_level=[False] * (len(config.c_hidden) - 1),
+                   effnet_in_channels=None, pixel_mapper_in_channels=None)
+    else:
+        out.update(clip_text_in_channels=None, clip_text_pooled_in_channels=config.c_clip, clip_image_in_channels=None,
+                   switch_level=None, effnet_in_channels=config.c_effnet, pixel_mapper_in_channels=config.c_pixels)
+    return out
+
+
+def _infer_unet_config(shapes: dict, kind: str) -> UNetConfig:
+    """Reconstruct a Stage B/C config from official key shapes. Head counts are not stored in weights: the
+    released models all use 64-channel heads, which is assumed unless the file carries our config metadata."""
+
+    def block_types(prefix):
+        types = {}
+        for key in shapes:
+            if key.startswith(prefix):
+                i = int(key[len(prefix):].split(".")[0])
+                rest = key[len(prefix):].split(".", 1)[1]
+                types[i] = "C" if rest.startswith("depthwise") else "A" if rest.startswith(("attention", "kv_mapper")) \
+                    else "T" if rest.startswith("mapper") else types.get(i, "?")
+        return [types[i] for i in sorted(types)]
+
+    n_levels = len({k.split(".")[1] for k in shapes if k.startswith("down_blocks.")})
+    c_hidden, level_config, down, up, rep_down, rep_up = [], [], [], [], [], []
+    for i in range(n_levels):
+        seq = block_types(f"down_blocks.{i}.")
+        unit = "C" + "".join(seq[1:]).split("C")[0]
+        level_config.append(unit)
+        c_hidden.append(shapes[f"down_blocks.{i}.0.depthwise.weight"][0])
+        down.append(len(seq) // len(unit))
+        up.append(len(block_types(f"up_blocks.{n_levels - 1 - i}.")) // len(unit))
+        rep_down.append(1 + len({k.split(".")[2] for k in shapes if k.startswith(f"down_repeat_mappers.{i}.")}))
+        rep_up.append(1 + len({k.split(".")[2] for k in shapes if k.startswith(f"up_repeat_mappers.{n_levels - 1 - i}.")}))
+    t_key = next(k for k in shapes if re.match(r"down_blocks\.0\.\d+\.mapper\.weight$", k))
+    t_prefix = t_key[: -len("mapper.weight")]
+    found = {k[len(t_prefix) + len("mapper_"):].split(".")[0] for k in shapes if k.startswith(t_prefix + "mapper_")}
+    t_conds = tuple(c for c in ("sca", "crp") if c in found) + tuple(sorted(found - {"sca", "crp"}))
+    kv = next((k for k in shapes if k.endswith("kv_mapper.1.weight")), None)
+    patch = 1 if kind == "stage_c" else 2
+    common = dict(
+        c_in=shapes["embedding.1.weight"][1] // patch**2, c_out=shapes["clf.1.weight"][0] // patch**2,
+        c_r=shapes[t_key][1], patch_size=patch, c_hidden=tuple(c_hidden),
+        nhead=tuple(c // 64 if "A" in lc else -1 for c, lc in zip(c_hidden, level_config)),
+        blocks=(tuple(down), tuple(up[::-1])), block_repeat=(tuple(rep_down), tuple(rep_up[::-1])),
+        level_config=tuple(level_config), t_conds=t_conds, dropout=(0.0,) * n_levels,
+        kernel_size=shapes["down_blocks.0.0.depthwise.weight"][-1],
+    )
+    if kind == "stage_c":
+        c_cond = shapes["clip_txt_mapper.weight"][0]
+        return StageCConfig(**common, c_cond=c_cond, c_clip_text=shapes["clip_txt_mapper.weight"][1],
+                            c_clip_text_pooled=shapes["clip_txt_pooled_mapper.weight"][1],
+                            c_clip_img=shapes["clip_img_mapper.weight"][1],
+                            c_clip_seq=shapes["clip_txt_pooled_mapper.weight"][0] // c_cond)
+    c_cond = shapes[kv][1] if kv else shapes["clip_mapper.weight"][0] // 4
+    return StageBConfig(**common, c_cond=c_cond, c_clip=shapes["clip_mapper.weight"][1],
+                        c_clip_seq=shapes["clip_mapper.weight"][0] // c_cond,
+                        c_effnet=shapes["effnet_mapper.0.weight"][1] if "effnet_mapper.0.weight" in shapes else None,
+                        c_pixels=shapes["pixels_mapper.0.weight"][1] if "pixels_mapper.0.weight" in shapes else None)
+
+
+def _same_structure(a: UNetConfig, b: UNetConfig) -> bool:
+    ignore = {"nhead", "dropout"}  # not visible in the weights
+    da, db = a.to_dict(), b.to_dict()
+    return all(da[k] == db[k] for k in da if k not in ignore)
+
+
+def infer_config(state: dict, kind: str, metadata: Optional[dict] = None):
+    """The config of an official-format state dict: from our metadata if present, else a released variant with
+    the same structure, else reconstructed from the shapes."""
+    cls = {"stage_c": StageCConfig, "stage_b": StageBConfig}.get(kind)
+    if metadata and CONFIG_METADATA_KEY in metadata:
+        d = json.loads(metadata[CONFIG_METADATA_KEY])
+        return cls.from_dict(d) if cls else _simple_config(kind, d)
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if kind in ("stage_c", "stage_b"):
+        inferred = _infer_unet_config(shapes, kind)
+        named = STAGE_C if kind == "stage_c" else STAGE_B
+        return next((cfg for cfg in named.values() if _same_structure(cfg, inferred)), inferred)
+    if kind == "stage_a":
+        c_hidden = shapes["up_blocks.0.0.weight"][0]
+        n_up = len({k.split(".")[1] for k in shapes if k.startswith("up_blocks.")})
+        levels = 1 + sum(1 for k in shapes if re.match(r"down_blocks\.\d+\.weight$", k) and len(shapes[k]) == 4
+                         and shapes[k][-1] == 4)
+        return StageAConfig(levels=levels, bottleneck_blocks=n_up - 1 - (levels - 1) * 2, c_hidden=c_hidden,
+                            c_latent=shapes["vquantizer.codebook.weight"][1],
+                            codebook_size=shapes["vquantizer.codebook.weight"][0])
+    return _simple_config(kind, None)
+
+
+def _simple_config(kind: str, d: Optional[dict]):
+    from .configs import EffnetConfig, PreviewerConfig
+
+    cls = {"stage_a": StageAConfig, "effnet": EffnetConfig, "previewer": PreviewerConfig}[kind]
+    return cls(**(d or {}))
+
+
+# ---------------------------------------------------------------------------------------- building models
+MODEL_CLASSES = {"stage_c": StageC, "stage_b": StageB, "stage_a": StageA, "effnet": EfficientNetEncoder,
+                 "previewer": Previewer}
+
+
+def build_model(kind: str, config, state: dict, *, source: str, device=None) -> nn.Module:
+    """Instantiate on the meta device and assign `state` (official names) into it, with clear errors."""
+    with torch.device("meta"):
+        model = MODEL_CLASSES[kind](config)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not fit the {KIND_NAMES[kind]} model it describes:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing keys, e.g. {missing[0]!r} (expected shape "
+                         f"{tuple(expected[missing[0]].shape)})")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys, e.g. {unexpected[0]!r}")
+        for k, got, want in wrong[:3]:
+            lines.append(f"  {k!r} has shape {got}, expected {want}")
+        lines.append("  The file may be from another model, or truncated; pass the matching config or re-download it.")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True, assign=True)
+    if device is not None:
+        model.to(device)
+    return model.eval().requires_grad_(False)
+
+
+def load_official(path: PathLike, kind: Optional[str] = None, *, dtype=None, device=None, config=None) -> nn.Module:
+    """Load an official single-file checkpoint; `kind` (e.g. "stage_c") is checked against the file's content."""
+    state, metadata = read_state_dict(path, dtype)
+    found = detect_kind(state)
+    if kind is not None and found != kind:
+        raise CheckpointError(f"{path} holds a {KIND_NAMES[found]} checkpoint, but a {KIND_NAMES[kind]} "
+                              "checkpoint was expected here. Check which file goes to which stage.")
+    if any(k.endswith(("to_q.weight", "to_out.0.weight")) for k in state) or "vquantizer.embedding.weight" in state:
+        state = diffusers_to_official(state, found)
+    config = config or infer_config(state, found, metadata)
+    return build_model(found, config, state, source=str(path), device=device)
+
+
+def _diffusers_weight_files(folder: Path, variant: Optional[str]) -> list[Path]:
+    stems = ([f"diffusion_pytorch_model.{variant}", f"model.{variant}"] if variant else []) + \
+            ["diffusion_pytorch_model", "model"]
+    for stem in stems:
+        single = folder / f"{stem}.safetensors"
+        if single.is_file():
+            return [single]
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    pickles = [p.name for p in folder.glob("*.bin")]
+    hint = f" (found pickle weights {pickles}, which are refused)" if pickles else ""
+    raise CheckpointError(f"no safetensors weights in {folder}{hint}. Expected diffusion_pytorch_model.safetensors.")
+
+
+def load_diffusers(folder: PathLike, kind: str, *, dtype=None, device=None, variant: Optional[str] = None) -> nn.Module:
+    """Load a diffusers model folder (config.json + safetensors weights, possibly sharded)."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{folder} has no config.json; expected a diffusers model folder for "
+                              f"{KIND_NAMES[kind]}.")
+    raw = json.loads(cfg_path.read_text())
+    found = {"StableCascadeUNet": "stage_c" if raw.get("clip_text_in_channels") else "stage_b",
+             "PaellaVQModel": "stage_a"}.get(raw.get("_class_name"))
+    if found != kind:
+        raise CheckpointError(f"{folder} holds a {raw.get('_class_name')} ({KIND_NAMES.get(found, 'unknown')}); "
+                              f"expected {KIND_NAMES[kind]}.")
+    state = {}
+    for file in _diffusers_weight_files(folder, variant):
+        state.update(read_state_dict(file, dtype)[0])
+    return build_model(kind, config_from_diffusers(raw, kind), diffusers_to_official(state, kind),
+                       source=str(folder), device=device)
+
+
+def load_component(path: PathLike, kind: str, *, dtype=None, device=None) -> nn.Module:
+    """A component from an official single file or a diffusers model folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_diffusers(path, kind, dtype=dtype, device=device)
+    return load_official(path, kind, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+def _kind_of(model: nn.Module) -> str:
+    return next(k for k, cls in MODEL_CLASSES.items() if isinstance(model, cls))
+
+
+def save_official(model: nn.Module, path: PathLike) -> None:
+    """Write an official-format single file; our config rides along in the metadata."""
+    meta = {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(model.config))}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+
+
+def save_diffusers(model: nn.Module, folder: PathLike) -> None:
+    """Write a diffusers model folder (config.json + diffusion_pytorch_model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = _kind_of(model)
+    if kind not in ("stage_c", "stage_b", "stage_a"):
+        raise CheckpointError(f"diffusers has no format for the {KIND_NAMES[kind]}; use save_official")
+    (folder / "config.json").write_text(json.dumps(config_to_diffusers(model.config), indent=2))
+    state = official_to_diffusers({k: v.detach().contiguous() for k, v in model.state_dict().items()}, kind)
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
