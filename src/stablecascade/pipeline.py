@@ -101,6 +101,7 @@ class StableCascadePipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         self._validate(prompts, negatives, width, height, num_images_per_prompt, prior_steps, decoder_steps,
                        prior_guidance, decoder_guidance, sampling, output_type)
+        self._check_size(width, height)
         if generator is None:
             seed = secrets.randbelow(2**31) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
@@ -141,6 +142,17 @@ class StableCascadePipeline:
     @property
     def stage_a_dtype(self) -> torch.dtype:
         return self.stage_a.in_block[1].weight.dtype
+
+    @property
+    def min_size(self) -> int:
+        """Smallest output side: Stage B halves its latent once per level after its patchify."""
+        cfg = self.stage_b.config
+        return STAGE_A_FACTOR * cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
+
+    def _check_size(self, width: int, height: int) -> None:
+        if min(width, height) < self.min_size:
+            raise InputError(f"{width}x{height} is too small: Stage B needs at least {self.min_size} pixels per side "
+                             f"(it halves its latent {len(self.stage_b.config.c_hidden) - 1} times).")
 
     @staticmethod
     def _validate(prompts, negatives, width, height, n, prior_steps, decoder_steps, prior_guidance,
