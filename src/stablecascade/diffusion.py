@@ -25,7 +25,7 @@ _MIN_VAR = math.cos(S / (1 + S) * math.pi / 2) ** 2
 def alpha_bar(t: torch.Tensor) -> torch.Tensor:
     """ᾱ(t) of the clamped cosine schedule (float32, computed like diffusers' scheduler)."""
     t = torch.as_tensor(t, dtype=torch.float32)
-    s = torch.tensor([S])
+    s = torch.tensor(S)
     ab = torch.cos((t + s) / (1 + s) * torch.pi * 0.5) ** 2 / torch.cos(s / (1 + s) * torch.pi * 0.5) ** 2
     return ab.clamp(*ALPHA_BAR_RANGE)
 
@@ -99,20 +99,20 @@ def guidance(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, scale: float, r
 
 
 def ddpm_step(x0, eps, lam, lam_next, noise):
-    """GDF's DDPM update (DDIM with η = 1) from level λ to λ_next."""
-    a, b = scales(lam)
-    a_next, b_next = scales(lam_next)
+    """GDF's DDPM update (DDIM with η = 1) from level λ to λ_next (scalars or per sample)."""
+    a, b = (_bcast(v, x0) for v in scales(torch.as_tensor(lam)))
+    a_next, b_next = (_bcast(v, x0) for v in scales(torch.as_tensor(lam_next)))
     sigma = (b_next**2 / b**2).sqrt() * (1 - a**2 / a_next**2).sqrt()
     return a_next * x0 + (b_next**2 - sigma**2).sqrt() * eps + sigma * noise
 
 
 def wuerstchen_step(x, eps, t, t_next, noise):
-    """diffusers' DDPMWuerstchenScheduler.step, written out."""
-    ab, ab_next = alpha_bar(t), alpha_bar(t_next)
+    """diffusers' DDPMWuerstchenScheduler.step, written out (t scalar or per sample)."""
+    ab, ab_next = _bcast(alpha_bar(t), x), _bcast(alpha_bar(t_next), x)
     alpha = ab / ab_next
     mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * eps / (1 - ab).sqrt())
     std = ((1 - alpha) * (1.0 - ab_next) / (1.0 - ab)).sqrt()
-    return mu + std * noise * float(t_next != 0)
+    return mu + std * noise * _bcast((torch.as_tensor(t_next) != 0).float(), x)
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
