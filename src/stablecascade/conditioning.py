@@ -37,3 +37,32 @@ class TextEncoder:
     def to(self, device=None, dtype=None) -> "TextEncoder":
         self.model.to(device=device, dtype=dtype)
         return self
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ImageEncoder:
+    """`CLIPVisionModelWithProjection` (ViT-L/14 in the releases) with the official preprocessing: shorter side
+    resized to the model's input size (bicubic, antialiased), centre crop, CLIP normalisation."""
+
+    def __init__(self, model):
+        self.model = model.eval().requires_grad_(False)
+        self.size = int(model.config.image_size)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in [0, 1] (B,3,H,W) -> image embeddings (B,1,projection)."""
+        import torch.nn.functional as F
+
+        h, w = images.shape[-2:]
+        scale = self.size / min(h, w)
+        size = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
+        x = F.interpolate(images.float(), size, mode="bicubic", antialias=True, align_corners=False)
+        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        x = x[..., top:top + self.size, left:left + self.size]
+        mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
+        std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
+        x = ((x - mean) / std).to(device=self.model.device, dtype=self.model.dtype)
+        return self.model(pixel_values=x).image_embeds.unsqueeze(1)

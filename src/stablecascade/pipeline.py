@@ -1,29 +1,41 @@
-"""The pipeline: owns the loaded parts and runs text-to-image through Stage C -> Stage B -> Stage A."""
+"""The pipeline: owns the loaded parts and runs every mode through Stage C -> Stage B -> Stage A.
+
+Each mode is a thin function over two steps: `_prior` (Stage C sampling from noise or from a noised image latent,
+conditioned on text and optionally CLIP image embeddings) and `_decoder` (Stage B sampling conditioned on a
+Stage C latent, then Stage A decoding).
+"""
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, diffusion, hub
-from .conditioning import TextEncoder
+from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
-from .images import to_pil
+from .images import load_image, resize, to_pil
 
-COMPRESSION = 42.67  # image pixels per Stage C latent cell (1024 px -> 24 cells)
+log = logging.getLogger(__name__)
+
+COMPRESSION = 42.67  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
 STAGE_A_FACTOR = 4  # image pixels per Stage B latent cell
+EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
 SAMPLING_DEFAULTS = {  # per mode: (Stage C shift, Stage B shift, cfg_rho); official values from the notebooks
     "official": (2.0, 1.0, 0.7),
     "diffusers": (1.0, 1.0, 0.0),
 }
-PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer"}
+PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
+ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
+PreviewCallback = Callable[[int, torch.Tensor], None]
 
 
 def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -32,11 +44,40 @@ def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> t
             (height // STAGE_A_FACTOR, width // STAGE_A_FACTOR))
 
 
+@dataclass
+class _Run:
+    """Settings of one generation call, validated once and shared by the prior and decoder steps."""
+
+    prompts: list
+    negatives: list
+    n: int
+    width: int
+    height: int
+    prior_steps: int
+    prior_guidance: float
+    decoder_steps: int
+    decoder_guidance: float
+    seed: Optional[int]
+    generator: torch.Generator
+    sampling: str
+    output_type: str
+    progress: bool
+    compression: float
+    preview_callback: Optional[PreviewCallback]
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.n
+
+
 class StableCascadePipeline:
-    def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu",
-                 dtype=torch.float32):
+    def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
+                 image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
+                 previewer: Union[torch.nn.Module, Path, None] = None):
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype = torch.device(device), dtype
+        # optional parts: loaded objects, or paths loaded on first use (None: the released files from the Hub)
+        self._image_encoder, self._effnet, self._previewer = image_encoder, effnet, previewer
         self._check_compatible()
 
     def _check_compatible(self):
@@ -56,7 +97,46 @@ class StableCascadePipeline:
         if problems:
             raise CheckpointError("the loaded parts do not belong together: " + "; ".join(problems))
 
-    # ------------------------------------------------------------------------------------------ helpers
+    # ----------------------------------------------------------------------------------- optional parts
+    @property
+    def effnet(self) -> torch.nn.Module:
+        """The EfficientNet encoder (image -> Stage C latent), loaded on first use; always float32."""
+        if not isinstance(self._effnet, torch.nn.Module):
+            path = self._effnet or hub.file(hub.DECODER_REPO, "effnet_encoder.safetensors")
+            self._effnet = checkpoints.load_official(path, "effnet", dtype=torch.float32, device=self.device)
+        return self._effnet
+
+    @property
+    def previewer(self) -> torch.nn.Module:
+        """The Previewer (Stage C latent -> small RGB), loaded on first use; always float32."""
+        if not isinstance(self._previewer, torch.nn.Module):
+            path = self._previewer or hub.file(hub.DECODER_REPO, "previewer.safetensors")
+            self._previewer = checkpoints.load_official(path, "previewer", dtype=torch.float32, device=self.device)
+        return self._previewer
+
+    @property
+    def image_encoder(self) -> ImageEncoder:
+        """The CLIP image encoder of image variation, loaded on first use."""
+        if not isinstance(self._image_encoder, ImageEncoder):
+            path = self._image_encoder or hub.snapshot(hub.PRIOR_REPO, ("image_encoder",)) / "image_encoder"
+            self._image_encoder = _load_image_encoder(path, self.dtype, self.device)
+        width = self._image_encoder.model.config.projection_dim
+        if width != self.stage_c.config.c_clip_img:
+            raise CheckpointError(f"the image encoder gives {width}-wide embeddings, Stage C expects "
+                                  f"{self.stage_c.config.c_clip_img}")
+        return self._image_encoder
+
+    @property
+    def stage_a_dtype(self) -> torch.dtype:
+        return self.stage_a.in_block[1].weight.dtype
+
+    @property
+    def min_size(self) -> int:
+        """Smallest output side: Stage B halves its latent once per level after its patchify."""
+        cfg = self.stage_b.config
+        return STAGE_A_FACTOR * cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
+
+    # ------------------------------------------------------------------------------------------- steps
     def _denoiser(self, model, cond: dict, uncond: Optional[dict], guidance: float, rho: float):
         """ε(x, r) of a stage with classifier-free guidance batched into one model call (active when > 1)."""
 
@@ -70,13 +150,80 @@ class StableCascadePipeline:
 
         return denoise
 
-    def _run_stage(self, name, denoise, shape, steps, shift, sampling, generator, progress):
-        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device)
-        with tqdm(total=steps, desc=name, disable=not progress, leave=False) as bar:
-            return diffusion.sample(denoise, x, steps, shift=shift, mode=sampling, generator=generator,
-                                    callback=lambda i, x0: bar.update())
+    def _sample(self, name, denoise, x, steps, shift, run: _Run, t_start=1.0, on_step=None):
+        with tqdm(total=steps, desc=name, disable=not run.progress, leave=False) as bar:
+            def callback(i, x0):
+                bar.update()
+                if on_step is not None:
+                    on_step(i, x0)
 
-    # ------------------------------------------------------------------------------------------ text-to-image
+            return diffusion.sample(denoise, x, steps, shift=shift, t_start=t_start, mode=run.sampling,
+                                    generator=run.generator, callback=callback)
+
+    def _noise(self, shape, run: _Run) -> torch.Tensor:
+        return torch.randn(shape, generator=run.generator, dtype=torch.float32).to(self.device)
+
+    def _prior(self, run: _Run, clip_img: Optional[torch.Tensor] = None, init: Optional[torch.Tensor] = None,
+               strength: float = 1.0):
+        """Stage C latents (B,16,h,w) and the pooled text of both CFG halves. With `init` (clean latents), start
+        from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps."""
+        shift, _, rho = SAMPLING_DEFAULTS[run.sampling]
+        text, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
+        neg_text, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
+        no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
+        image = no_image if clip_img is None else clip_img.to(self.device, self.dtype).expand(run.batch, -1, -1)
+        cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=image)
+        uncond = dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=torch.zeros_like(image))
+        (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
+        shape = (run.batch, self.stage_c.config.c_out, hc, wc)
+
+        noise = self._noise(shape, run)
+        if init is None or strength >= 1:
+            x, steps = noise, run.prior_steps
+        elif strength <= 0:
+            return init.to(self.device, torch.float32).expand(shape).clone(), pooled, neg_pooled
+        else:  # noise and sample on the same shifted schedule (the official notebook noised at shift 1)
+            lam = diffusion.logsnr(torch.tensor(strength), shift).to(self.device)
+            x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
+            steps = max(1, int(run.prior_steps * strength))
+
+        on_step = None
+        if run.preview_callback is not None:
+            previewer = self.previewer
+
+            def on_step(i, x0):
+                run.preview_callback(i, previewer(x0.float()).float().clamp(0, 1))
+
+        denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
+        latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0), on_step=on_step)
+        return latents, pooled, neg_pooled
+
+    def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
+        """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""
+        _, shift, rho = SAMPLING_DEFAULTS[run.sampling]
+        effnet = latents_c.to(self.device, self.dtype)
+        cond = dict(effnet=effnet, clip=pooled)
+        uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
+        _, (hb, wb) = latent_sizes(run.height, run.width, run.compression)
+        x = self._noise((run.batch, self.stage_b.config.c_out, hb, wb), run)
+        denoise = self._denoiser(self.stage_b, cond, uncond, run.decoder_guidance, rho)
+        latents_b = self._sample("Stage B", denoise, x, run.decoder_steps, shift, run)
+        return self.stage_a.decode(latents_b.to(self.stage_a_dtype)).float().clamp(0, 1)
+
+    def _output(self, images: torch.Tensor, run: _Run, mode: str, **extra):
+        if run.output_type == "pt":
+            return images.cpu()
+        parameters = dict(mode=mode, width=run.width, height=run.height, prior_steps=run.prior_steps,
+                          prior_guidance=run.prior_guidance, decoder_steps=run.decoder_steps,
+                          decoder_guidance=run.decoder_guidance, seed=run.seed, sampling=run.sampling,
+                          compression=run.compression, **extra)
+        pil = to_pil(images)
+        for i, im in enumerate(pil):
+            im.info["parameters"] = {**parameters, "prompt": run.prompts[i // run.n],
+                                     "negative_prompt": run.negatives[i // run.n], "index_in_batch": i}
+        return pil
+
+    # ------------------------------------------------------------------------------------------- modes
     @torch.inference_mode()
     def __call__(
         self,
@@ -94,69 +241,98 @@ class StableCascadePipeline:
         sampling: str = "official",
         output_type: str = "pil",
         progress: bool = True,
+        compression: float = COMPRESSION,
+        preview_callback: Optional[PreviewCallback] = None,
     ):
-        """Text-to-image. Returns a list of PIL images (each with its parameters in `.info`), or with
-        `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent."""
+        """Text-to-image. Returns a list of PIL images (each with its parameters in `.info["parameters"]`), or with
+        `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent.
+
+        `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
+        more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
+        of the current Stage C estimate after every Stage C step."""
+        run = self._settings(**{k: v for k, v in locals().items() if k != "self"})
+        return self._output(self._decoder(run, *self._prior(run)), run, "text-to-image")
+
+    @torch.inference_mode()
+    def variation(self, images: Union[ImageInput, Sequence[ImageInput]], prompt: Union[str, Sequence[str]] = "",
+                  weights: Optional[Sequence[float]] = None, **options):
+        """Image variation: Stage C conditioned on the CLIP image embeddings of one or more images (mixed, each
+        scaled by its weight), with or without a prompt. `options` are those of text-to-image."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise InputError("variation needs at least one image")
+        weights = [1.0] * len(images) if weights is None else list(weights)
+        if len(weights) != len(images):
+            raise InputError(f"got {len(weights)} weights for {len(images)} images; give one weight per image")
+        embeds = torch.cat([self.image_encoder(load_image(im)[None].to(self.device)) * w
+                            for im, w in zip(images, weights)], dim=1)
+        run = self._settings(prompt=prompt, **options)
+        return self._output(self._decoder(run, *self._prior(run, clip_img=embeds)), run, "variation",
+                            image_weights=weights)
+
+    @torch.inference_mode()
+    def img2img(self, image: ImageInput, prompt: Union[str, Sequence[str]], strength: float = 0.8, **options):
+        """Image-to-image: encode `image` to a Stage C latent, noise it to `strength` (0 keeps it, 1 ignores it) and
+        denoise with the prompt over that fraction of the steps. The output size defaults to the input's, scaled
+        down to at most 1024x1024 pixels of area, in multiples of 8. `options` are those of text-to-image."""
+        if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
+            raise InputError(f"strength must be between 0 and 1, got {strength!r}")
+        pixels = load_image(image)[None]
+        width, height = default_size(pixels.shape[-1], pixels.shape[-2])
+        options = {"width": width, "height": height, **options}
+        run = self._settings(prompt=prompt, **options)
+        init = self._encode(pixels, run.height, run.width, run.compression) if strength < 1 else None
+        return self._output(self._decoder(run, *self._prior(run, init=init, strength=strength)), run,
+                            "image-to-image", strength=strength)
+
+    @torch.inference_mode()
+    def encode(self, images: Union[ImageInput, Sequence[ImageInput]], compression: float = COMPRESSION) -> torch.Tensor:
+        """Stage C latents (B,16,ceil(H/compression),ceil(W/compression)) of images of one size, through the
+        EfficientNet encoder; 1024x1024 -> 16x24x24 by default."""
+        images = images if isinstance(images, (list, tuple)) else [images]
+        pixels = [load_image(im) for im in images]
+        if len({p.shape for p in pixels}) != 1:
+            raise InputError("encode() takes images of one size; encode differently sized images separately")
+        batch = torch.stack(pixels)
+        return self._encode(batch, batch.shape[-2], batch.shape[-1], compression).cpu()
+
+    def _encode(self, pixels, height, width, compression):
+        (hc, wc), _ = latent_sizes(height, width, _check_compression(compression))
+        target = (hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
+        if pixels.shape[-2] * 2 < target[0] or pixels.shape[-1] * 2 < target[1]:
+            log.warning("upscaling a %dx%d image to %dx%d for the encoder; details will be soft",
+                        pixels.shape[-1], pixels.shape[-2], target[1], target[0])
+        return self.effnet(resize(pixels.to(self.device), *target)).float()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, prompt: Union[str, Sequence[str]] = "", **options):
+        """Images from Stage C latents (B,16,h,w) through Stage B and Stage A. The output size defaults to the
+        latent size times `compression`, in multiples of 8 (24x24 -> 1024x1024). `options` are those of
+        text-to-image; `num_images_per_prompt` decodes each latent several times."""
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != self.stage_c.config.c_out:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise InputError(f"latents must be a (B,{self.stage_c.config.c_out},h,w) tensor, got {shape}")
+        if not torch.isfinite(latents).all():
+            raise InputError("latents contain NaN or infinite values")
+        compression = _check_compression(options.get("compression", COMPRESSION))
+        h, w = latents.shape[-2:]
+        options = {"height": _round8(h * compression), "width": _round8(w * compression), **options}
+        prompts = [prompt] * latents.shape[0] if isinstance(prompt, str) else list(prompt)
+        run = self._settings(prompt=prompts, **options)
+        if len(prompts) != latents.shape[0]:
+            raise InputError(f"got {len(prompts)} prompts for {latents.shape[0]} latents")
+        _, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
+        _, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
+        images = self._decoder(run, latents.float().repeat_interleave(run.n, 0), pooled, neg_pooled)
+        return self._output(images, run, "decode")
+
+    # --------------------------------------------------------------------------------------- validation
+    def _settings(self, prompt, negative_prompt="", width=1024, height=1024, num_images_per_prompt=1,
+                  prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0, seed=None,
+                  generator=None, sampling="official", output_type="pil", progress=True, compression=COMPRESSION,
+                  preview_callback=None) -> _Run:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        self._validate(prompts, negatives, width, height, num_images_per_prompt, prior_steps, decoder_steps,
-                       prior_guidance, decoder_guidance, sampling, output_type)
-        self._check_size(width, height)
-        if generator is None:
-            seed = secrets.randbelow(2**31) if seed is None else int(seed)
-            generator = torch.Generator().manual_seed(seed)
-        shift_c, shift_b, rho = SAMPLING_DEFAULTS[sampling]
-        n = num_images_per_prompt
-        (hc, wc), (hb, wb) = latent_sizes(height, width)
-
-        text, pooled = (t.repeat_interleave(n, 0) for t in self.text_encoder(prompts))
-        neg_text, neg_pooled = (t.repeat_interleave(n, 0) for t in self.text_encoder(negatives))
-        batch = text.shape[0]
-        no_image = torch.zeros(batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
-
-        cond_c = dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_image)
-        uncond_c = dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=no_image)
-        latents_c = self._run_stage(
-            "Stage C", self._denoiser(self.stage_c, cond_c, uncond_c, prior_guidance, rho),
-            (batch, self.stage_c.config.c_out, hc, wc), prior_steps, shift_c, sampling, generator, progress)
-
-        effnet = latents_c.to(self.dtype)
-        cond_b = dict(effnet=effnet, clip=pooled)
-        uncond_b = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
-        latents_b = self._run_stage(
-            "Stage B", self._denoiser(self.stage_b, cond_b, uncond_b, decoder_guidance, rho),
-            (batch, self.stage_b.config.c_out, hb, wb), decoder_steps, shift_b, sampling, generator, progress)
-
-        images = self.stage_a.decode(latents_b.to(self.stage_a_dtype)).float().clamp(0, 1)
-        if output_type == "pt":
-            return images.cpu()
-        parameters = dict(negative_prompt=None, width=width, height=height, prior_steps=prior_steps,
-                          prior_guidance=prior_guidance, decoder_steps=decoder_steps,
-                          decoder_guidance=decoder_guidance, seed=seed, sampling=sampling)
-        pil = to_pil(images)
-        for i, im in enumerate(pil):
-            im.info["parameters"] = {**parameters, "prompt": prompts[i // n], "negative_prompt": negatives[i // n],
-                                     "index_in_batch": i}
-        return pil
-
-    @property
-    def stage_a_dtype(self) -> torch.dtype:
-        return self.stage_a.in_block[1].weight.dtype
-
-    @property
-    def min_size(self) -> int:
-        """Smallest output side: Stage B halves its latent once per level after its patchify."""
-        cfg = self.stage_b.config
-        return STAGE_A_FACTOR * cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
-
-    def _check_size(self, width: int, height: int) -> None:
-        if min(width, height) < self.min_size:
-            raise InputError(f"{width}x{height} is too small: Stage B needs at least {self.min_size} pixels per side "
-                             f"(it halves its latent {len(self.stage_b.config.c_hidden) - 1} times).")
-
-    @staticmethod
-    def _validate(prompts, negatives, width, height, n, prior_steps, decoder_steps, prior_guidance,
-                  decoder_guidance, sampling, output_type):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("prompt must be a string or a non-empty list of strings")
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
@@ -167,7 +343,11 @@ class StableCascadePipeline:
                 near = max(8, round(v / 8) * 8) if isinstance(v, (int, float)) and v > 0 else 1024
                 raise InputError(f"{name}={v!r} is not supported: sizes must be positive multiples of 8 "
                                  f"(Stage A decodes 4x4 pixel cells of a latent that Stage B halves). Try {near}.")
-        for name, v in (("num_images_per_prompt", n), ("prior_steps", prior_steps), ("decoder_steps", decoder_steps)):
+        if min(width, height) < self.min_size:
+            raise InputError(f"{width}x{height} is too small: Stage B needs at least {self.min_size} pixels per side "
+                             f"(it halves its latent {len(self.stage_b.config.c_hidden) - 1} times).")
+        for name, v in (("num_images_per_prompt", num_images_per_prompt), ("prior_steps", prior_steps),
+                        ("decoder_steps", decoder_steps)):
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a whole number >= 1, got {v!r}")
         for name, v in (("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)):
@@ -177,6 +357,28 @@ class StableCascadePipeline:
             raise InputError(f"sampling must be one of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
         if output_type not in ("pil", "pt"):
             raise InputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        if generator is None:
+            seed = secrets.randbelow(2**31) if seed is None else int(seed)
+            generator = torch.Generator().manual_seed(seed)
+        return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
+                    decoder_steps, decoder_guidance, seed, generator, sampling, output_type, progress,
+                    _check_compression(compression), preview_callback)
+
+
+def _check_compression(compression) -> float:
+    if not isinstance(compression, (int, float)) or not 8 <= compression <= 128:
+        raise InputError(f"compression must be a number between 8 and 128 (default {COMPRESSION}), got {compression!r}")
+    return float(compression)
+
+
+def _round8(v: float) -> int:
+    return max(8, int(round(v / 8)) * 8)
+
+
+def default_size(width: int, height: int, max_area: int = 1024 * 1024) -> tuple[int, int]:
+    """An input image's size, scaled down to at most `max_area` pixels, in multiples of 8."""
+    scale = min(1.0, math.sqrt(max_area / (width * height)))
+    return _round8(width * scale), _round8(height * scale)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -188,7 +390,7 @@ def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
         unknown = set(source) - allowed
         if unknown:
             raise InputError(f"unknown {role} component(s) {sorted(unknown)}; use {sorted(allowed)}")
-        return {k: Path(v) if not hub.looks_like_repo_id(str(v)) else str(v) for k, v in source.items()}
+        return {k: Path(v) for k, v in source.items()}
     text = str(source)
     path = Path(text).expanduser()
     if not path.exists():
@@ -205,10 +407,18 @@ def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
         raise CheckpointError(f"{path} is not a diffusers {role} pipeline folder: it has no {subfolders[0]}/ "
                               "subfolder (nor a config.json of its own).")
     parts = {"stage_c" if role == "prior" else "stage_b": main}
-    for key, sub in (("stage_a", "vqgan"), ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer")):
+    for key, sub in (("stage_a", "vqgan"), ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
+                     ("image_encoder", "image_encoder")):
         if key in allowed and (path / sub).is_dir():
             parts[key] = path / sub
     return parts
+
+
+def _from_pretrained(cls, path, dtype):
+    try:
+        return cls.from_pretrained(str(path), dtype=dtype)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        return cls.from_pretrained(str(path), torch_dtype=dtype)
 
 
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
@@ -217,18 +427,25 @@ def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
     def where(key):
         value = parts.get(key) or parts.get("text_encoder")
         if value is None:  # official single files carry no text encoder: use the released one
-            return str(hub.snapshot(hub.PRIOR_REPO, ("text_encoder", "tokenizer")) / key)
-        return str(value)
+            return hub.snapshot(hub.PRIOR_REPO, ("text_encoder", "tokenizer")) / key
+        return value
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where("tokenizer"))
-        try:
-            model = CLIPTextModelWithProjection.from_pretrained(where("text_encoder"), dtype=dtype)
-        except TypeError:  # transformers < 4.56 names it torch_dtype
-            model = CLIPTextModelWithProjection.from_pretrained(where("text_encoder"), torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(where("tokenizer")))
+        model = _from_pretrained(CLIPTextModelWithProjection, where("text_encoder"), dtype)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"could not load the CLIP text encoder/tokenizer: {e}") from None
     return TextEncoder(tokenizer, model.to(device))
+
+
+def _load_image_encoder(path, dtype, device) -> ImageEncoder:
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        model = _from_pretrained(CLIPVisionModelWithProjection, path, dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not load the CLIP image encoder from {path}: {e}") from None
+    return ImageEncoder(model.to(device))
 
 
 def default_device() -> torch.device:
@@ -241,13 +458,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None,
-                  dtype=None) -> StableCascadePipeline:
+def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
+                  effnet: Optional[Union[str, Path]] = None, previewer: Optional[Union[str, Path]] = None
+                  ) -> StableCascadePipeline:
     """Load Stage C (+ text encoder) from `prior` and Stage B + Stage A from `decoder`.
 
     Each may be a diffusers-layout pipeline folder, a Hub repo id, a single official .safetensors file, or a
-    mapping of components to paths: prior {"stage_c", "text_encoder", "tokenizer"}, decoder {"stage_b",
-    "stage_a"} (official files or diffusers model folders). Stage A runs in float32 (it is small)."""
+    mapping of components to paths: prior {"stage_c", "text_encoder", "tokenizer", "image_encoder"}, decoder
+    {"stage_b", "stage_a"} (official files or diffusers model folders). `effnet` and `previewer` are official
+    files (default: the released ones from the Hub, fetched when first needed). Stage A, the EfficientNet encoder
+    and the Previewer run in float32 (they are small)."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     variant = "bf16" if dtype == torch.bfloat16 else None
@@ -258,16 +478,12 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     if "stage_a" not in decoder_parts:
         decoder_parts["stage_a"] = hub.file(hub.DECODER_REPO, "stage_a.safetensors")
 
-    def component(parts, key, kind, kind_dtype):
-        value = parts[key]
-        path = Path(value) if not isinstance(value, str) or not hub.looks_like_repo_id(value) else None
-        if path is None:
-            raise InputError(f"{key} must be a local file or folder, got the repo id {value!r}")
-        return checkpoints.load_component(path, kind, dtype=kind_dtype, device=device)
-
-    stage_c = component(prior_parts, "stage_c", "stage_c", dtype)
-    stage_b = component(decoder_parts, "stage_b", "stage_b", dtype)
-    stage_a = component(decoder_parts, "stage_a", "stage_a", torch.float32)
+    stage_c = checkpoints.load_component(prior_parts["stage_c"], "stage_c", dtype=dtype, device=device)
+    stage_b = checkpoints.load_component(decoder_parts["stage_b"], "stage_b", dtype=dtype, device=device)
+    stage_a = checkpoints.load_component(decoder_parts["stage_a"], "stage_a", dtype=torch.float32, device=device)
     text_parts = prior_parts if ("text_encoder" in prior_parts or "text_encoder" not in decoder_parts) else decoder_parts
     text_encoder = _load_text_encoder(text_parts, dtype, device)
-    return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype)
+    return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
+                                 image_encoder=prior_parts.get("image_encoder"),
+                                 effnet=Path(effnet) if effnet else None,
+                                 previewer=Path(previewer) if previewer else None)
