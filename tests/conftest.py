@@ -20,7 +20,26 @@ def tiny(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def pipe(tiny):
+def small_parts(tmp_path_factory):
+    """Official-format EfficientNet encoder and Previewer files with seeded random weights."""
+    import oracle
+
+    from stablecascade import checkpoints
+    from stablecascade.models import EfficientNetEncoder, Previewer
+
+    folder = tmp_path_factory.mktemp("parts")
+    paths = SimpleNamespace(effnet=folder / "effnet_encoder.safetensors", previewer=folder / "previewer.safetensors")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(40)  # torchvision's own init keeps activations alive through the deep backbone
+        effnet = EfficientNetEncoder().eval()
+    checkpoints.save_official(effnet, paths.effnet)
+    checkpoints.save_official(oracle.randomize_(Previewer(), 41).eval(), paths.previewer)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def pipe(tiny, small_parts):
     import stablecascade
 
-    return stablecascade.load_pipeline(tiny.prior, tiny.decoder, device="cpu", dtype=torch.float32)
+    return stablecascade.load_pipeline(tiny.prior, tiny.decoder, device="cpu", dtype=torch.float32,
+                                       effnet=small_parts.effnet, previewer=small_parts.previewer)

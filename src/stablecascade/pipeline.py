@@ -177,11 +177,11 @@ class StableCascadePipeline:
         (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
         shape = (run.batch, self.stage_c.config.c_out, hc, wc)
 
+        if init is not None and strength <= 0:  # nothing to denoise: the encoded image itself, no noise drawn
+            return init.to(self.device, torch.float32).expand(shape).clone(), pooled, neg_pooled
         noise = self._noise(shape, run)
         if init is None or strength >= 1:
             x, steps = noise, run.prior_steps
-        elif strength <= 0:
-            return init.to(self.device, torch.float32).expand(shape).clone(), pooled, neg_pooled
         else:  # noise and sample on the same shifted schedule (the official notebook noised at shift 1)
             lam = diffusion.logsnr(torch.tensor(strength), shift).to(self.device)
             x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
@@ -378,7 +378,9 @@ def _round8(v: float) -> int:
 def default_size(width: int, height: int, max_area: int = 1024 * 1024) -> tuple[int, int]:
     """An input image's size, scaled down to at most `max_area` pixels, in multiples of 8."""
     scale = min(1.0, math.sqrt(max_area / (width * height)))
-    return _round8(width * scale), _round8(height * scale)
+    if scale == 1.0:
+        return _round8(width), _round8(height)
+    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)  # floor keeps the area cap
 
 
 # ---------------------------------------------------------------------------------------------- loading
