@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,13 +57,63 @@ def test_bad_input_exits_2_with_message_and_no_traceback(tiny, tmp_path, capsys,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_help_explains_every_option():
-    generate = build_parser()._subparsers._group_actions[0].choices["generate"]
-    text = generate.format_help()
-    for action in generate._actions:
-        if action.option_strings and action.dest != "help":
-            assert action.help, f"{action.option_strings} has no help text"
-            assert action.option_strings[-1] in text
+@pytest.mark.parametrize("command", ["generate", "variation", "img2img", "reconstruct"])
+def test_help_explains_every_option(command):
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.dest != "help":
+            assert action.help, f"{command} {action.option_strings or action.dest} has no help text"
+            assert (action.option_strings or [action.dest])[-1] in text
+
+
+@pytest.fixture
+def image_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "input.png"
+    Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def models(tiny, small_parts):
+    return ["--prior", tiny.prior, "--decoder", tiny.decoder, "--effnet", small_parts.effnet, "--previewer",
+            small_parts.previewer, "--dtype", "fp32", "--device", "cpu", "--decoder-steps", 1, "--seed", 2]
+
+
+def test_img2img_with_previews(tiny, small_parts, image_file, tmp_path):
+    out, previews = tmp_path / "out", tmp_path / "previews"
+    assert run("img2img", image_file, "a boat", "--strength", 0.5, "--steps", 4, "--previews", previews, "--out", out,
+               *models(tiny, small_parts)) == 0
+    (file,) = out.glob("*.png")
+    assert Image.open(file).size == (96, 64)
+    params = read_parameters(file)
+    assert params["mode"] == "image-to-image" and params["strength"] == 0.5 and params["input"] == str(image_file)
+    assert len(list(previews.glob("*.png"))) == 2  # 4 steps x strength 0.5
+
+
+def test_variation_of_two_images(tiny, small_parts, image_file, tmp_path):
+    out = tmp_path / "out"
+    assert run("variation", image_file, image_file, "--weights", 1, 0.5, "--width", 64, "--height", 64, "--steps", 1,
+               "--out", out, *models(tiny, small_parts)) == 0
+    (file,) = out.glob("*.png")
+    assert read_parameters(file)["image_weights"] == [1.0, 0.5]
+
+
+def test_reconstruct_reports_psnr(tiny, small_parts, image_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run("reconstruct", image_file, "--out", out, *models(tiny, small_parts)) == 0
+    (file,) = out.glob("*.png")
+    assert Image.open(file).size == (96, 64)
+    assert read_parameters(file)["latent_shape"] == [16, 2, 3]
+    assert "PSNR" in capsys.readouterr().out
+
+
+def test_unreadable_input_image(tiny, small_parts, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_text("nope")
+    assert run("img2img", bad, "x", "--out", tmp_path / "out", *models(tiny, small_parts)) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "Traceback" not in err
 
 
 def test_console_script_runs():

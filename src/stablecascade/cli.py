@@ -30,9 +30,40 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", metavar="DIR", help="CLIP text encoder folder (transformers layout) when "
                                                          "--prior is an official Stage C file (default: from the Hub)")
     g.add_argument("--tokenizer", metavar="DIR", help="tokenizer folder (default: the --text-encoder folder)")
+    g.add_argument("--effnet", metavar="FILE", help="EfficientNet encoder (effnet_encoder.safetensors) for img2img "
+                                                    "and reconstruct (default: fetched from the Hub when needed)")
+    g.add_argument("--previewer", metavar="FILE", help="Previewer (previewer.safetensors) for --previews "
+                                                       "(default: fetched from the Hub when needed)")
     g.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute precision "
                                                            "(default: bf16 on GPUs that support it, else fp32)")
+
+
+def _sampling_options(p: argparse.ArgumentParser, size_default: Optional[int], prior: bool = True) -> None:
+    g = p.add_argument_group("sampling")
+    size_help = f"(default {size_default})" if size_default else "(default: from the input image)"
+    g.add_argument("--negative", default="", help="what to steer away from (default: empty)")
+    g.add_argument("--width", type=int, default=size_default, help=f"image width in pixels, a multiple of 8 {size_help}")
+    g.add_argument("--height", type=int, default=size_default,
+                   help=f"image height in pixels, a multiple of 8 {size_help}")
+    if prior:
+        g.add_argument("--steps", type=int, default=20, help="Stage C (prior) sampling steps (default 20)")
+        g.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance (default 4.0)")
+    g.add_argument("--decoder-steps", type=int, default=10, help="Stage B (decoder) sampling steps (default 10)")
+    g.add_argument("--decoder-guidance", type=float, default=0.0,
+                   help="Stage B guidance; values <= 1 switch it off (default 0.0)")
+    g.add_argument("--seed", type=int, help="random seed; the same seed gives the same image (default: random, "
+                                            "printed and stored in the PNG)")
+    g.add_argument("--num-images", type=int, default=1, help="images to generate per input (default 1)")
+    g.add_argument("--sampling", choices=["official", "diffusers"], default="official",
+                   help="'official': the notebooks' sampler (shift 2, cfg rescale); 'diffusers': reproduce "
+                        "diffusers' StableCascade pipelines exactly (default official)")
+    g.add_argument("--compression", type=float, default=42.67,
+                   help="image pixels per Stage C latent cell: lower is more detail and slower, ComfyUI users like "
+                        "~32 (default 42.67: 1024 px -> 24 cells)")
+    if prior:
+        g.add_argument("--previews", metavar="DIR", help="save the Previewer's picture of every Stage C step here")
+    g.add_argument("--out", default="outputs", help="folder for the PNG files (default ./outputs)")
 
 
 def _sources(args) -> tuple:
@@ -57,31 +88,101 @@ def _free_path(out: Path, stem: str) -> Path:
     return out / f"{stem}_{n:05d}.png"
 
 
-def _generate(args) -> int:
+def _load(args):
     import torch
 
     from . import load_pipeline
-    from .images import save_png
 
     prior, decoder = _sources(args)
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     started = time.perf_counter()
-    pipe = load_pipeline(prior, decoder, device=args.device, dtype=dtype)
+    pipe = load_pipeline(prior, decoder, device=args.device, dtype=dtype, effnet=args.effnet,
+                         previewer=args.previewer)
     print(f"loaded models in {time.perf_counter() - started:.1f}s ({pipe.device}, {pipe.dtype})", file=sys.stderr)
-    started = time.perf_counter()
-    images = pipe(args.prompt, negative_prompt=args.negative, width=args.width, height=args.height,
-                  num_images_per_prompt=args.num_images, prior_steps=args.steps, prior_guidance=args.guidance,
-                  decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, seed=args.seed,
-                  sampling=args.sampling)
-    elapsed = time.perf_counter() - started
+    return pipe
+
+
+def _options(args) -> dict:
+    """Keyword arguments of the pipeline's modes from the parsed options."""
+    options = dict(negative_prompt=args.negative, num_images_per_prompt=args.num_images,
+                   decoder_steps=args.decoder_steps, decoder_guidance=args.decoder_guidance, seed=args.seed,
+                   sampling=args.sampling, compression=args.compression)
+    if hasattr(args, "steps"):
+        options.update(prior_steps=args.steps, prior_guidance=args.guidance)
+    options.update({k: v for k, v in (("width", args.width), ("height", args.height)) if v is not None})
+    if getattr(args, "previews", None):
+        options["preview_callback"] = _preview_saver(Path(args.previews))
+    return options
+
+
+def _preview_saver(folder: Path):
+    from .images import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = time.strftime("preview_%Y%m%d-%H%M%S")
+
+    def save(step, previews):
+        for i, image in enumerate(to_pil(previews)):
+            image.save(folder / f"{stem}_{i:02d}_step{step + 1:03d}.png")
+
+    return save
+
+
+def _save(images, args, pipe, started, **extra) -> list:
+    from .images import save_png
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    paths = []
     for image in images:
         parameters = {**image.info["parameters"], "prior": str(args.prior), "decoder": str(args.decoder),
-                      "dtype": str(pipe.dtype).replace("torch.", "")}
-        print(save_png(image, _free_path(out, "stablecascade"), parameters))
-    print(f"generated {len(images)} image(s) in {elapsed:.1f}s, seed {images[0].info['parameters']['seed']}",
-          file=sys.stderr)
+                      "dtype": str(pipe.dtype).replace("torch.", ""), **extra}
+        paths.append(save_png(image, _free_path(out, "stablecascade"), parameters))
+        print(paths[-1])
+    print(f"made {len(images)} image(s) in {time.perf_counter() - started:.1f}s, seed "
+          f"{images[0].info['parameters']['seed']}", file=sys.stderr)
+    return paths
+
+
+def _generate(args) -> int:
+    pipe = _load(args)
+    started = time.perf_counter()
+    _save(pipe(args.prompt, **_options(args)), args, pipe, started)
+    return 0
+
+
+def _variation(args) -> int:
+    pipe = _load(args)
+    started = time.perf_counter()
+    images = pipe.variation(args.images, prompt=args.prompt, weights=args.weights, **_options(args))
+    _save(images, args, pipe, started, inputs=[str(p) for p in args.images])
+    return 0
+
+
+def _img2img(args) -> int:
+    pipe = _load(args)
+    started = time.perf_counter()
+    images = pipe.img2img(args.image, args.prompt, strength=args.strength, **_options(args))
+    _save(images, args, pipe, started, input=str(args.image))
+    return 0
+
+
+def _reconstruct(args) -> int:
+    from .images import load_image, psnr, resize
+    from .pipeline import round8
+
+    pipe = _load(args)
+    for path in args.images:
+        started = time.perf_counter()
+        original = load_image(path)[None]
+        latents = pipe.encode(original, compression=args.compression)
+        options = {"width": round8(original.shape[-1]), "height": round8(original.shape[-2]), **_options(args)}
+        images = pipe.decode(latents, prompt=args.prompt, **options)
+        saved = _save(images, args, pipe, started, input=str(path), latent_shape=list(latents.shape[1:]))
+        for image, file in zip(images, saved):
+            out = load_image(image)[None]
+            print(f"{file}: Stage C latent {tuple(latents.shape[1:])}, "
+                  f"PSNR {psnr(out, resize(original, *out.shape[-2:])):.2f} dB against the input")
     return 0
 
 
@@ -92,23 +193,37 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text-to-image", description="Generate images from a text prompt. "
                        "Each PNG carries its generation parameters in its text metadata.")
     g.add_argument("prompt", help="what to draw")
-    g.add_argument("--negative", default="", help="what to steer away from (default: empty)")
-    g.add_argument("--width", type=int, default=1024, help="image width in pixels, a multiple of 8 (default 1024)")
-    g.add_argument("--height", type=int, default=1024, help="image height in pixels, a multiple of 8 (default 1024)")
-    g.add_argument("--steps", type=int, default=20, help="Stage C (prior) sampling steps (default 20)")
-    g.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance (default 4.0)")
-    g.add_argument("--decoder-steps", type=int, default=10, help="Stage B (decoder) sampling steps (default 10)")
-    g.add_argument("--decoder-guidance", type=float, default=0.0,
-                   help="Stage B guidance; values <= 1 switch it off (default 0.0)")
-    g.add_argument("--seed", type=int, help="random seed; the same seed gives the same image (default: random, "
-                                            "printed and stored in the PNG)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt (default 1)")
-    g.add_argument("--sampling", choices=["official", "diffusers"], default="official",
-                   help="'official': the notebooks' sampler (shift 2, cfg rescale); 'diffusers': reproduce "
-                        "diffusers' StableCascade pipelines exactly (default official)")
-    g.add_argument("--out", default="outputs", help="folder for the PNG files (default ./outputs)")
+    _sampling_options(g, 1024)
     _model_options(g)
     g.set_defaults(run=_generate)
+
+    v = sub.add_parser("variation", help="variations of images (CLIP image embeddings)",
+                       description="Generate variations of one or more images; several images are mixed.")
+    v.add_argument("images", nargs="+", type=Path, help="input images")
+    v.add_argument("--prompt", default="", help="optional text to steer the variation")
+    v.add_argument("--weights", type=float, nargs="+", help="one weight per image for mixing (default 1 each)")
+    _sampling_options(v, 1024)
+    _model_options(v)
+    v.set_defaults(run=_variation)
+
+    i = sub.add_parser("img2img", help="image-to-image", description="Redraw an image with a prompt: its Stage C "
+                       "latent is noised to --strength and denoised.")
+    i.add_argument("image", type=Path, help="input image")
+    i.add_argument("prompt", help="what to draw")
+    i.add_argument("--strength", type=float, default=0.8,
+                   help="0 keeps the input, 1 ignores it (default 0.8, the official example)")
+    _sampling_options(i, None)
+    _model_options(i)
+    i.set_defaults(run=_img2img)
+
+    r = sub.add_parser("reconstruct", help="encode images to Stage C latents and decode them back",
+                       description="Encode each image to a Stage C latent (16x24x24 for 1024 px) and decode it with "
+                                   "Stage B and Stage A; prints the PSNR of each reconstruction.")
+    r.add_argument("images", nargs="+", type=Path, help="input images")
+    r.add_argument("--prompt", default="", help="optional caption given to Stage B")
+    _sampling_options(r, None, prior=False)
+    _model_options(r)
+    r.set_defaults(run=_reconstruct)
     return parser
 
 

@@ -316,7 +316,7 @@ class StableCascadePipeline:
             raise InputError("latents contain NaN or infinite values")
         compression = _check_compression(options.get("compression", COMPRESSION))
         h, w = latents.shape[-2:]
-        options = {"height": _round8(h * compression), "width": _round8(w * compression), **options}
+        options = {"height": round8(h * compression), "width": round8(w * compression), **options}
         prompts = [prompt] * latents.shape[0] if isinstance(prompt, str) else list(prompt)
         run = self._settings(prompt=prompts, **options)
         if len(prompts) != latents.shape[0]:
@@ -371,7 +371,8 @@ def _check_compression(compression) -> float:
     return float(compression)
 
 
-def _round8(v: float) -> int:
+def round8(v: float) -> int:
+    """The nearest multiple of 8 (at least 8)."""
     return max(8, int(round(v / 8)) * 8)
 
 
@@ -379,7 +380,7 @@ def default_size(width: int, height: int, max_area: int = 1024 * 1024) -> tuple[
     """An input image's size, scaled down to at most `max_area` pixels, in multiples of 8."""
     scale = min(1.0, math.sqrt(max_area / (width * height)))
     if scale == 1.0:
-        return _round8(width), _round8(height)
+        return round8(width), round8(height)
     return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)  # floor keeps the area cap
 
 
