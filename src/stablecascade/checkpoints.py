@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional, Union
@@ -25,6 +26,7 @@ from .configs import STAGE_B, STAGE_C, StageAConfig, StageBConfig, StageCConfig,
 from .errors import CheckpointError
 from .models import EfficientNetEncoder, Previewer, StageA, StageB, StageC
 
+log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 KIND_NAMES = {"stage_c": "Stage C (prior)", "stage_b": "Stage B (decoder)", "stage_a": "Stage A (VQGAN)",
               "effnet": "EfficientNet encoder", "previewer": "Previewer", "controlnet": "ControlNet",
@@ -51,7 +53,10 @@ def read_state_dict(path: PathLike, dtype: Optional[torch.dtype] = None, device=
             metadata = f.metadata() or {}
             for key in f.keys():
                 t = f.get_tensor(key)
-                state[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+                if t.device.type == "cpu" and t.data_ptr() % 64:  # misaligned views change float rounding
+                    t = t.clone()
+                state[key] = t
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}). It may be truncated or corrupt: download it again."
@@ -221,7 +226,7 @@ def _infer_unet_config(shapes: dict, kind: str) -> UNetConfig:
     common = dict(
         c_in=shapes["embedding.1.weight"][1] // patch**2, c_out=shapes["clf.1.weight"][0] // patch**2,
         c_r=shapes[t_key][1], patch_size=patch, c_hidden=tuple(c_hidden),
-        nhead=tuple(c // 64 if "A" in lc else -1 for c, lc in zip(c_hidden, level_config)),
+        nhead=tuple(_guess_heads(c) if "A" in lc else -1 for c, lc in zip(c_hidden, level_config)),
         blocks=(tuple(down), tuple(up[::-1])), block_repeat=(tuple(rep_down), tuple(rep_up[::-1])),
         level_config=tuple(level_config), t_conds=t_conds, dropout=(0.0,) * n_levels,
         kernel_size=shapes["down_blocks.0.0.depthwise.weight"][-1],
@@ -237,6 +242,14 @@ def _infer_unet_config(shapes: dict, kind: str) -> UNetConfig:
                         c_clip_seq=shapes["clip_mapper.weight"][0] // c_cond,
                         c_effnet=shapes["effnet_mapper.0.weight"][1] if "effnet_mapper.0.weight" in shapes else None,
                         c_pixels=shapes["pixels_mapper.0.weight"][1] if "pixels_mapper.0.weight" in shapes else None)
+
+
+def _guess_heads(c: int) -> int:
+    if c % 64:
+        log.warning("%d-channel attention: head count unknown without a config, assuming 1 head. Save custom models "
+                    "with save_official or in diffusers layout to keep their config.", c)
+        return 1
+    return c // 64
 
 
 def _same_structure(a: UNetConfig, b: UNetConfig) -> bool:
@@ -315,7 +328,13 @@ def load_official(path: PathLike, kind: Optional[str] = None, *, dtype=None, dev
                               "checkpoint was expected here. Check which file goes to which stage.")
     if any(k.endswith(("to_q.weight", "to_out.0.weight")) for k in state) or "vquantizer.embedding.weight" in state:
         state = diffusers_to_official(state, found)
-    config = config or infer_config(state, found, metadata)
+    if config is None:
+        try:
+            config = infer_config(state, found, metadata)
+        except (KeyError, StopIteration, IndexError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot work out the {KIND_NAMES[found]} layout from its tensors "
+                                  f"({type(e).__name__}: {e}); the file is incomplete or not an official checkpoint."
+                                  ) from None
     return build_model(found, config, state, source=str(path), device=device)
 
 
