@@ -24,7 +24,8 @@ from torch import nn
 
 from .configs import STAGE_B, STAGE_C, StageAConfig, StageBConfig, StageCConfig, UNetConfig
 from .errors import CheckpointError
-from .models import EfficientNetEncoder, Previewer, StageA, StageB, StageC
+from .models import ControlNet, EfficientNetEncoder, Previewer, StageA, StageB, StageC
+from .models.controlnet import RELEASED_BLOCKS, ControlNetConfig
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
@@ -261,6 +262,8 @@ def _same_structure(a: UNetConfig, b: UNetConfig) -> bool:
 def infer_config(state: dict, kind: str, metadata: Optional[dict] = None):
     """The config of an official-format state dict: from our metadata if present, else a released variant with
     the same structure, else reconstructed from the shapes."""
+    if kind == "controlnet":
+        return infer_controlnet_config(state, metadata)
     cls = {"stage_c": StageCConfig, "stage_b": StageBConfig}.get(kind)
     if metadata and CONFIG_METADATA_KEY in metadata:
         d = json.loads(metadata[CONFIG_METADATA_KEY])
@@ -281,6 +284,40 @@ def infer_config(state: dict, kind: str, metadata: Optional[dict] = None):
     return _simple_config(kind, None)
 
 
+def infer_controlnet_config(state: dict, metadata: Optional[dict] = None,
+                            proj_blocks: Optional[tuple[int, ...]] = None) -> ControlNetConfig:
+    """The config of an official-format ControlNet state dict (keys/shapes), or of one we saved (metadata).
+
+    The controlled block indices are not stored in the weights: 8 projections mean the released
+    (0, 4, 8, 12, 51, 55, 59, 63), 64 mean all blocks; any other count needs `proj_blocks`."""
+    if metadata and CONFIG_METADATA_KEY in metadata and proj_blocks is None:
+        return ControlNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+    shapes = {k: tuple(v.shape) for k, v in state.items()}
+    if "backbone.0.0.weight" in shapes:
+        mode, c_in = "effnet", shapes["backbone.0.0.weight"][1]
+    elif "backbone.3.blocks.0.weight" in shapes and "backbone.0.weight" in shapes:
+        mode, c_in = "large", shapes["backbone.0.weight"][1]
+    elif "backbone.0.weight" in shapes:
+        mode, c_in = "simple", shapes["backbone.0.weight"][1]
+    else:
+        raise CheckpointError("not a Stable Cascade ControlNet: no 'backbone.0.0.weight' / 'backbone.0.weight' key")
+    n_proj = len({k.split(".")[1] for k in shapes if k.startswith("projections.")})
+    if n_proj == 0 or "projections.0.2.weight" not in shapes:
+        raise CheckpointError("not a Stable Cascade ControlNet: it has no 'projections.N.2.weight' keys")
+    if proj_blocks is None:
+        if n_proj == len(RELEASED_BLOCKS):
+            proj_blocks = RELEASED_BLOCKS
+        elif n_proj == 64:
+            proj_blocks = tuple(range(64))
+        else:
+            raise CheckpointError(f"this ControlNet has {n_proj} projections; the ResBlock indices they control are "
+                                  "not stored in the weights: pass proj_blocks explicitly")
+    if len(proj_blocks) != n_proj:
+        raise CheckpointError(f"proj_blocks has {len(proj_blocks)} entries but the file has {n_proj} projections")
+    return ControlNetConfig(c_in=c_in, c_proj=shapes["projections.0.2.weight"][0], proj_blocks=tuple(proj_blocks),
+                            bottleneck_mode=mode)
+
+
 def _simple_config(kind: str, d: Optional[dict]):
     from .configs import EffnetConfig, PreviewerConfig
 
@@ -290,7 +327,7 @@ def _simple_config(kind: str, d: Optional[dict]):
 
 # ---------------------------------------------------------------------------------------- building models
 MODEL_CLASSES = {"stage_c": StageC, "stage_b": StageB, "stage_a": StageA, "effnet": EfficientNetEncoder,
-                 "previewer": Previewer}
+                 "previewer": Previewer, "controlnet": ControlNet}
 
 
 def build_model(kind: str, config, state: dict, *, source: str, device=None) -> nn.Module:
@@ -336,6 +373,20 @@ def load_official(path: PathLike, kind: Optional[str] = None, *, dtype=None, dev
                                   f"({type(e).__name__}: {e}); the file is incomplete or not an official checkpoint."
                                   ) from None
     return build_model(found, config, state, source=str(path), device=device)
+
+
+def load_controlnet(path: PathLike, *, dtype=None, device=None,
+                    proj_blocks: Optional[tuple[int, ...]] = None) -> ControlNet:
+    """A ControlNet from an official (or `save_official`-written) file; `proj_blocks` names the controlled
+    ResBlock calls when the file has neither 8 (the released nets) nor 64 projections."""
+    state, metadata = read_state_dict(path, dtype)
+    found = detect_kind(state) if state else None
+    if found != "controlnet":
+        what = KIND_NAMES.get(found, "nothing recognisable")
+        raise CheckpointError(f"{path} holds {what}, not a ControlNet (expected keys 'backbone.*' and "
+                              "'projections.N.0.weight'). Check which file you passed.")
+    config = infer_controlnet_config(state, metadata, proj_blocks)
+    return build_model("controlnet", config, state, source=str(path), device=device)
 
 
 def _diffusers_weight_files(folder: Path, variant: Optional[str]) -> list[Path]:

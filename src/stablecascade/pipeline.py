@@ -187,16 +187,15 @@ class StableCascadePipeline:
             x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
             steps = max(1, int(run.prior_steps * strength))
 
-        on_step = None
-        if run.preview_callback is not None:
-            previewer = self.previewer
-
-            def on_step(i, x0):
-                run.preview_callback(i, previewer(x0.float()).float().clamp(0, 1))
+        on_step = None if run.preview_callback is None else self._previews(run.preview_callback)
 
         denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
         latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0), on_step=on_step)
         return latents, pooled, neg_pooled
+
+    def _previews(self, callback: PreviewCallback):
+        previewer = self.previewer
+        return lambda i, x0: callback(i, previewer(x0.float()).float().clamp(0, 1))
 
     def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
         """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""

@@ -190,19 +190,34 @@ class CascadeUNet(nn.Module):
             return block(x, r_embed)
         return block(x, cond)
 
-    def _down(self, x, r_embed, cond) -> list[torch.Tensor]:
+    @staticmethod
+    def _add_control(x, block, controls):
+        """Before each ResBlock call, add the next ControlNet entry (if not None), resized to x's size.
+
+        `controls` is an iterator over the ControlNet's list (one entry per ResBlock call in execution order:
+        down levels first, then up levels deepest first) or None for no control."""
+        if controls is None or not isinstance(block, ResBlock):
+            return x
+        control = next(controls, None)
+        if control is None:
+            return x
+        control = F.interpolate(control.float(), x.shape[-2:], mode="bilinear", align_corners=True)
+        return (x.float() + control).to(x.dtype)
+
+    def _down(self, x, r_embed, cond, controls=None) -> list[torch.Tensor]:
         outputs = []
         for blocks, downscaler, repmaps in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
             x = downscaler(x)
             for j in range(len(repmaps) + 1):
                 for block in blocks:
+                    x = self._add_control(x, block, controls)
                     x = self._run(block, x, r_embed, cond)
                 if j < len(repmaps):
                     x = repmaps[j](x)
             outputs.insert(0, x)
         return outputs
 
-    def _up(self, outputs, r_embed, cond) -> torch.Tensor:
+    def _up(self, outputs, r_embed, cond, controls=None) -> torch.Tensor:
         x = outputs[0]
         for i, (blocks, upscaler, repmaps) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
             for j in range(len(repmaps) + 1):
@@ -210,6 +225,7 @@ class CascadeUNet(nn.Module):
                     skip = outputs[i] if i > 0 and n == 0 else None
                     if skip is not None and x.shape[-2:] != skip.shape[-2:]:  # odd sizes: stride-2 convs floor
                         x = F.interpolate(x.float(), skip.shape[-2:], mode="bilinear", align_corners=True).to(x.dtype)
+                    x = self._add_control(x, block, controls)
                     x = self._run(block, x, r_embed, cond, skip)
                 if j < len(repmaps):
                     x = repmaps[j](x)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..configs import StageCConfig
+from ..errors import InputError
 from .blocks import CascadeUNet, LayerNorm2d
 
 
@@ -60,9 +61,25 @@ class StageC(CascadeUNet):
         ], dim=1)
         return self.clip_norm(tokens)
 
-    def forward(self, x, r, clip_text, clip_text_pooled, clip_img, sca=None, crp=None):
-        """x (B,16,h,w), r (B,), clip_text (B,77,1280), clip_text_pooled (B,1,1280), clip_img (B,n,768) -> ε."""
+    def forward(self, x, r, clip_text, clip_text_pooled, clip_img, sca=None, crp=None, cnet=None):
+        """x (B,16,h,w), r (B,), clip_text (B,77,1280), clip_text_pooled (B,1,1280), clip_img (B,n,768) -> ε.
+
+        `cnet`: a ControlNet's output list, one entry (None or (B,c_hidden,h',w')) per ResBlock call in execution
+        order; each non-None entry is resized to the features and added to them before that ResBlock."""
+        if cnet is not None and any(c is not None for c in cnet[self.resblock_calls:]):
+            raise InputError(f"the ControlNet output has {len(cnet)} entries but this Stage C makes only "
+                             f"{self.resblock_calls} ResBlock calls: the ControlNet was made for a bigger Stage C "
+                             "(the released ControlNets need the 3.6B Stage C)")
         r_embed = self.embed_r(r, sca=sca, crp=crp)
         cond = self.condition(clip_text, clip_text_pooled, clip_img)
         x = self.embedding(x)
-        return self.clf(self._up(self._down(x, r_embed, cond), r_embed, cond))
+        controls = None if cnet is None else iter(cnet)
+        return self.clf(self._up(self._down(x, r_embed, cond, controls), r_embed, cond, controls))
+
+    @property
+    def resblock_calls(self) -> int:
+        """ResBlock calls per forward pass (64 for the 3.6B model): the length of a full ControlNet output list."""
+        cfg = self.config
+        down = zip(cfg.blocks[0], cfg.block_repeat[0], cfg.level_config)
+        up = zip(cfg.blocks[1], cfg.block_repeat[1], cfg.level_config[::-1])  # up lists run deepest level first
+        return sum(n * rep * kinds.count("C") for n, rep, kinds in (*down, *up))

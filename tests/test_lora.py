@@ -1,0 +1,409 @@
+"""LoRA: reading every supported format, merge/adapter application, tokens, errors, saving."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+pytest.importorskip("diffusers")
+
+from stablecascade import checkpoints  # noqa: E402
+from stablecascade.conditioning import TextEncoder  # noqa: E402
+from stablecascade.errors import CheckpointError, InputError  # noqa: E402
+from stablecascade.models.blocks import AttnBlock  # noqa: E402
+from stablecascade.models.lora import LoRAManager, LoRAWeights, read_lora, save_lora  # noqa: E402
+from stablecascade.pipeline import _load_text_encoder  # noqa: E402
+
+RANK = 2
+PROMPT = "a photo of a dog in the snow"
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models gain nothing from threads, and on a busy 2-core machine 2 threads are ~20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base(tiny):
+    stage_c = checkpoints.load_diffusers(tiny.prior / "prior", "stage_c")
+    te = _load_text_encoder({"text_encoder": tiny.prior / "text_encoder", "tokenizer": tiny.prior / "tokenizer"},
+                            torch.float32, "cpu")
+    return stage_c, te
+
+
+@pytest.fixture
+def models(base):
+    """Fresh copies: tests change weights and embeddings (the tokenizer is never mutated, only replaced)."""
+    stage_c, te = base
+    return copy.deepcopy(stage_c), TextEncoder(te.tokenizer, copy.deepcopy(te.model))
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(x=torch.randn(1, 16, 8, 8, generator=g), r=torch.tensor([0.6]),
+                clip_text=torch.randn(1, 77, 32, generator=g), clip_text_pooled=torch.randn(1, 1, 32, generator=g),
+                clip_img=torch.randn(1, 1, 24, generator=g))
+
+
+@torch.no_grad()
+def run(stage_c, te=None, prompt=PROMPT):
+    """Stage C output; with `te` the text conditioning comes from the text encoder (so TE changes show)."""
+    inputs = _inputs()
+    if te is not None:
+        inputs["clip_text"], inputs["clip_text_pooled"] = te([prompt])
+    return stage_c(**inputs)
+
+
+def _rand(g, *shape):
+    return torch.randn(*shape, generator=g) * 0.2
+
+
+def _attn_blocks(stage_c):
+    return [n for n, m in stage_c.named_modules() if isinstance(m, AttnBlock)]
+
+
+# ----------------------------------------------------------------------------------------------- LoRA files
+def official_lora(stage_c, seed=1, rank=RANK):
+    """weights.{i}: per AttnBlock in module order, even = out_proj, odd = in_proj."""
+    g, state = torch.Generator().manual_seed(seed), {}
+    for j, block in enumerate(_attn_blocks(stage_c)):
+        c = stage_c.get_submodule(block).attention.attn.out_proj.weight.shape[0]
+        for i, out in ((2 * j, c), (2 * j + 1, 3 * c)):
+            state[f"weights.{i}.lora_down"], state[f"weights.{i}.lora_up"] = _rand(g, rank, c), _rand(g, out, rank)
+    return state
+
+
+def _kohya_layer(state, g, name, out, inp, alpha=None, conv=False):
+    down, up = _rand(g, RANK, inp), _rand(g, out, RANK)
+    if conv:
+        down, up = down[:, :, None, None], up[:, :, None, None]
+    state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
+    if alpha is not None:
+        state[f"{name}.alpha"] = torch.tensor(float(alpha))
+
+
+def kohya_lora(prefix="lora_unet_", diffusers_names=False, seed=2):
+    """Official-name or diffusers-name attention layers plus a Linear, kv_mapper, clip_txt_mapper and a conv."""
+    g, state, c = torch.Generator().manual_seed(seed), {}, 64
+    for block in ("down_blocks_0_2", "up_blocks_0_5"):
+        if diffusers_names:
+            for part in ("to_q", "to_k", "to_v", "to_out_0"):
+                _kohya_layer(state, g, f"{prefix}{block}_attention_{part}", c, c, alpha=1)
+        else:
+            _kohya_layer(state, g, f"{prefix}{block}_attention_attn_in_proj", 3 * c, c, alpha=4)
+            _kohya_layer(state, g, f"{prefix}{block}_attention_attn_out_proj", c, c)
+    _kohya_layer(state, g, f"{prefix}down_blocks_1_0_channelwise_0", 4 * c, c, alpha=1)
+    _kohya_layer(state, g, f"{prefix}up_blocks_1_2_kv_mapper_1", c, 64)
+    _kohya_layer(state, g, f"{prefix}clip_txt_mapper", 64, 32, alpha=1)
+    _kohya_layer(state, g, f"{prefix}embedding_1", c, 16, alpha=2, conv=True)
+    return state
+
+
+def onetrainer_lora(seed=3):
+    g, state = torch.Generator().manual_seed(seed), {}
+    for part in ("to_q", "to_v", "out_proj"):
+        _kohya_layer(state, g, f"lora_prior_unet_down_blocks_1_5_attention_attn_{part}", 64, 64, alpha=1)
+    _kohya_layer(state, g, "lora_prior_te_text_model_encoder_layers_0_self_attn_q_proj", 32, 32, alpha=1)
+    _kohya_layer(state, g, "lora_prior_te_text_projection", 32, 32, alpha=2)
+    return state
+
+
+def kohya_te_lora(seed=4):
+    g, state = torch.Generator().manual_seed(seed), {}
+    _kohya_layer(state, g, "lora_te_text_model_encoder_layers_1_mlp_fc1", 64, 32, alpha=1)
+    _kohya_layer(state, g, "lora_te_text_model_encoder_layers_0_self_attn_out_proj", 32, 32)
+    _kohya_layer(state, g, "lora_unet_up_blocks_1_2_attention_to_out_0", 64, 64)
+    return state
+
+
+FORMATS = {
+    "official": (lambda sc: official_lora(sc), "official", False),
+    "kohya": (lambda sc: kohya_lora(), "kohya", False),
+    "kohya-diffusers-names": (lambda sc: kohya_lora(diffusers_names=True), "kohya", False),
+    "onetrainer": (lambda sc: onetrainer_lora(), "onetrainer", True),
+    "kohya-te": (lambda sc: kohya_te_lora(), "kohya", True),
+}
+
+
+def _weights(stage_c, te):
+    return {**{f"c.{k}": v.clone() for k, v in stage_c.state_dict().items()},
+            **{f"te.{k}": v.clone() for k, v in te.model.state_dict().items()}}
+
+
+def _assert_base(models, before):
+    stage_c, te = models
+    after = _weights(stage_c, te)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not any("parametrizations" in n for n, _ in stage_c.named_modules())
+
+
+# ----------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_format_changes_output_merge_equals_adapter_and_unmerge_restores(models, fmt):
+    stage_c, te = models
+    build, label, touches_te = FORMATS[fmt]
+    lora = read_lora(build(stage_c), stage_c, te)
+    assert lora.format == label and lora.layers
+    assert any(d.model == "text_encoder" for d in lora.layers) == touches_te
+    base_out, base_te, before = run(stage_c, te), te([PROMPT]), _weights(stage_c, te)
+
+    manager = LoRAManager(stage_c, te)
+    manager.add(lora, 0.8, "a")
+    manager.merge()
+    merged = run(stage_c, te)
+    assert not torch.allclose(merged, base_out, atol=1e-4)
+    if touches_te:
+        assert not torch.allclose(te([PROMPT])[0], base_te[0], atol=1e-4)
+    manager.unmerge()
+    _assert_base(models, before)
+    assert torch.equal(run(stage_c, te), base_out)
+
+    manager.apply("adapter")
+    torch.testing.assert_close(run(stage_c, te), merged, rtol=1e-5, atol=1e-5)
+    manager.set_scale("a", 0.0)  # live switch-off
+    assert torch.equal(run(stage_c, te), base_out)
+    manager.unmerge()
+    _assert_base(models, before)
+
+
+def test_merge_equals_hand_computed_update(models):
+    stage_c, te = models
+    c = 64
+    official, kohya = official_lora(stage_c), kohya_lora(diffusers_names=True)
+    first = _attn_blocks(stage_c)[0]
+    mha = stage_c.get_submodule(first).attention.attn
+    w_in, w_out = mha.in_proj_weight.detach().clone(), mha.out_proj.weight.detach().clone()
+    blk = stage_c.get_submodule("up_blocks.0.5").attention.attn
+    w_blk = blk.in_proj_weight.detach().clone()
+
+    manager = LoRAManager(stage_c)
+    manager.add(read_lora(official, stage_c), 0.7, "official")
+    manager.merge()
+    up, down = official["weights.1.lora_up"], official["weights.1.lora_down"]  # odd: in_proj of block 0
+    torch.testing.assert_close(mha.in_proj_weight, w_in + 0.7 * (up @ down) / RANK, rtol=0, atol=1e-6)
+    up, down = official["weights.0.lora_up"], official["weights.0.lora_down"]  # even: out_proj
+    torch.testing.assert_close(mha.out_proj.weight, w_out + 0.7 * (up @ down) / RANK, rtol=0, atol=1e-6)
+    manager.remove("official")  # re-applies without it
+    assert torch.equal(mha.in_proj_weight, w_in)
+
+    manager.add(read_lora(kohya, stage_c), 1.5, "kohya")  # applied at once: the manager is in merge mode
+    name = "lora_unet_up_blocks_0_5_attention_to_k"  # rows c:2c of the fused in_proj, alpha 1
+    up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]
+    expected = w_blk[c:2 * c] + 1.5 * (up @ down) * float(kohya[f"{name}.alpha"]) / RANK
+    torch.testing.assert_close(blk.in_proj_weight[c:2 * c], expected, rtol=0, atol=1e-6)
+    name = "lora_unet_embedding_1"  # 1x1 conv, alpha 2
+    conv = stage_c.embedding[1].weight
+    manager.unmerge()
+    w_conv = conv.detach().clone()
+    manager.merge()
+    up, down = kohya[f"{name}.lora_up.weight"].flatten(1), kohya[f"{name}.lora_down.weight"].flatten(1)
+    torch.testing.assert_close(conv, w_conv + 1.5 * (up @ down)[:, :, None, None] * 2 / RANK, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["merge", "adapter"])
+def test_scale_zero_is_bit_identical(models, mode):
+    stage_c, te = models
+    base_out, before = run(stage_c, te), _weights(stage_c, te)
+    manager = LoRAManager(stage_c, te)
+    manager.add(read_lora(onetrainer_lora(), stage_c, te), 0.0)
+    manager.add(read_lora(official_lora(stage_c), stage_c, te), 0.0)
+    manager.apply(mode)
+    assert torch.equal(run(stage_c, te), base_out)
+    manager.unmerge()
+    _assert_base(models, before)
+
+
+def test_two_loras_add_up(models):
+    stage_c, te = models
+    a, b = official_lora(stage_c, seed=5), official_lora(stage_c, seed=6)
+    manager = LoRAManager(stage_c, te)
+    manager.add(read_lora(a, stage_c), 0.5, "a")
+    manager.add(read_lora(b, stage_c), -1.5, "b")
+    manager.merge()
+    both = run(stage_c)
+    for i, block in enumerate(_attn_blocks(stage_c)):
+        attn = stage_c.get_submodule(block).attention.attn
+        manager.unmerge()
+        base_w = attn.in_proj_weight.detach().clone()
+        manager.merge()
+        k = 2 * i + 1
+        total = 0.5 * a[f"weights.{k}.lora_up"] @ a[f"weights.{k}.lora_down"] \
+            - 1.5 * b[f"weights.{k}.lora_up"] @ b[f"weights.{k}.lora_down"]
+        torch.testing.assert_close(attn.in_proj_weight, base_w + total / RANK, rtol=0, atol=1e-6)
+    # one LoRA carrying the summed update gives the same output
+    summed = {k: (torch.cat([0.5 * a[k], -1.5 * b[k]], dim=1) if k.endswith("up") else torch.cat([a[k], b[k]]))
+              for k in a}
+    manager.unmerge()
+    single = LoRAManager(stage_c, te)
+    lora = read_lora(summed, stage_c)
+    for d in lora.layers:
+        d.scale = 1 / RANK  # the file's rank is 2·RANK; the factors are those of rank-RANK LoRAs
+    single.add(lora, 1.0)
+    single.merge()
+    torch.testing.assert_close(run(stage_c), both, rtol=1e-5, atol=1e-5)
+    single.unmerge()
+    # adapter mode: live scale changes equal re-merging at those scales
+    manager.apply("adapter")
+    manager.set_scale("a", 1.0)
+    live = run(stage_c)
+    manager.merge()
+    torch.testing.assert_close(run(stage_c), live, rtol=1e-5, atol=1e-5)
+    manager.remove("a")
+    manager.remove("b")
+    assert manager.mode == "merge"
+    manager.unmerge()
+
+
+def _fernando_lora(stage_c, te, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    state = official_lora(stage_c, seed=seed)
+    state["embeddings.embeddings"] = _rand(g, 3, 32)
+    state["embeddings.indices"] = torch.tensor([1929, 49408, 49409])  # dog</w> (existing), two new tokens
+    return state
+
+
+def test_new_tokens_reach_the_text_encoder_and_unmerge_removes_them(models):
+    stage_c, te = models
+    state = _fernando_lora(stage_c, te)
+    with pytest.raises(CheckpointError, match="new_tokens"):
+        read_lora(state, stage_c, te)
+    lora = read_lora(state, stage_c, te, new_tokens=[("[fernando]", "^dog</w>"), ("<zed>", None)])
+    assert lora.new_tokens == [("[fernando]", "^dog</w>"), ("<zed>", None)]
+    tok0, emb0 = te.tokenizer, te.model.get_input_embeddings()
+    base_rows = emb0.weight.detach().clone()
+    prompt = "a photo of [fernando] and <zed>"
+    base_new, base_cat = te([prompt]), te(["a photo of a cat"])
+    before = _weights(stage_c, te)
+
+    manager = LoRAManager(stage_c, te)
+    manager.add(lora, 1.0, "fernando")
+    manager.merge()
+    ids = te.tokenizer(prompt).input_ids
+    assert 49408 in ids and 49409 in ids and len(te.tokenizer) == 49410
+    rows = te.model.get_input_embeddings().weight
+    delta = state["embeddings.embeddings"]
+    torch.testing.assert_close(rows[49408], base_rows[1929] + delta[1], rtol=0, atol=1e-6)  # mean of one row
+    torch.testing.assert_close(rows[49409], delta[2], rtol=0, atol=0)  # no init regex: zeros + delta
+    torch.testing.assert_close(rows[1929], base_rows[1929] + delta[0], rtol=0, atol=1e-6)
+    assert torch.equal(rows[:49408][torch.arange(49408) != 1929], base_rows[torch.arange(49408) != 1929])
+    assert not torch.allclose(te([prompt])[0], base_new[0], atol=1e-4)
+    assert torch.equal(te(["a photo of a cat"])[0], base_cat[0])  # rows of other tokens untouched
+    # half scale: new rows keep their base, deltas are halved
+    manager.set_scale("fernando", 0.5)
+    torch.testing.assert_close(te.model.get_input_embeddings().weight[49408], base_rows[1929] + 0.5 * delta[1])
+
+    manager.unmerge()
+    assert te.tokenizer is tok0 and te.model.get_input_embeddings() is emb0 and len(te.tokenizer) == 49408
+    assert 49408 not in te.tokenizer(prompt).input_ids
+    assert torch.equal(te([prompt])[0], base_new[0])
+    _assert_base(models, before)
+
+
+def test_bfloat16_merge_adapter_and_exact_restore(models):
+    stage_c, te = models
+    stage_c.to(torch.bfloat16)
+    te.model.to(torch.bfloat16)
+    before = _weights(stage_c, te)
+    manager = LoRAManager(stage_c, te)
+    manager.add(read_lora(onetrainer_lora(), stage_c, te), 1.3)
+    manager.add(read_lora(kohya_lora(diffusers_names=True), stage_c, te), -0.4)
+    manager.merge()
+    merged = _weights(stage_c, te)
+    assert merged["c.embedding.1.weight"].dtype == torch.bfloat16
+    assert not torch.equal(merged["c.embedding.1.weight"], before["c.embedding.1.weight"])
+    manager.apply("adapter")  # the same float32 sum rounded once: identical weights
+    for key, module, param in (("c.down_blocks.1.5.attention.attn.in_proj_weight", "down_blocks.1.5.attention.attn",
+                                "in_proj_weight"), ("te.text_projection.weight", "text_projection", "weight")):
+        model = stage_c if key.startswith("c.") else te.model
+        assert torch.equal(getattr(model.get_submodule(module), param), merged[key])
+    manager.unmerge()
+    _assert_base(models, before)
+
+
+def test_onetrainer_bundled_embedding(models):
+    stage_c, te = models
+    vec = torch.randn(1, 32)
+    lora = read_lora({"bundle_emb.myemb.clip_g": vec, **kohya_te_lora()}, stage_c, te)
+    assert lora.new_tokens == [("<myemb>", None)]
+    manager = LoRAManager(stage_c, te)
+    manager.add(lora, 1.0)
+    manager.apply("adapter")
+    i = te.tokenizer.convert_tokens_to_ids("<myemb>")
+    assert i == 49408 and torch.equal(te.model.get_input_embeddings().weight[i], vec[0])
+    manager.unmerge()
+
+
+def test_save_read_round_trip(models, tmp_path):
+    stage_c, te = models
+    state = kohya_lora(diffusers_names=True)
+    state = {k: v for k, v in state.items() if "attention" in k}  # only attention layers fit the official format
+    lora = read_lora(state, stage_c, te)
+    lora.tokens = read_lora(_fernando_lora(stage_c, te), stage_c, te,
+                            new_tokens=[("[fernando]", "^dog</w>"), ("<zed>", None)]).tokens
+    path = tmp_path / "lora.safetensors"
+    save_lora(path, lora, stage_c)
+    _, meta = checkpoints.read_state_dict(path)
+    assert meta["rank"] == str(3 * RANK)  # q, k, v stacked into one in_proj update
+    again = read_lora(path, stage_c, te)  # token strings come from the metadata
+    assert again.format == "official" and again.source == str(path)
+    assert again.new_tokens == lora.new_tokens
+
+    outputs = []
+    for item in (lora, again):
+        manager = LoRAManager(stage_c, te)
+        manager.add(item, 0.9)
+        manager.merge()
+        outputs.append((run(stage_c, te, "a [fernando]"), _weights(stage_c, te)))
+        manager.unmerge()
+    torch.testing.assert_close(outputs[1][0], outputs[0][0], rtol=1e-5, atol=1e-5)
+    for k, v in outputs[0][1].items():
+        torch.testing.assert_close(outputs[1][1][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_name_the_file_and_key(models, tmp_path):
+    stage_c, te = models
+    # shape mismatch (a LoRA for a wider Stage C), in a file
+    path = tmp_path / "wide.safetensors"
+    bad = kohya_lora()
+    bad["lora_unet_down_blocks_0_2_attention_attn_out_proj.lora_up.weight"] = torch.zeros(96, RANK)
+    save_file(bad, str(path))
+    with pytest.raises(CheckpointError, match=r"wide\.safetensors.*lora_unet_down_blocks_0_2_attention_attn_out_proj"):
+        read_lora(path, stage_c, te)
+    # official file with the wrong layer count
+    official = official_lora(stage_c)
+    official.update({"weights.12.lora_down": torch.zeros(RANK, 64), "weights.12.lora_up": torch.zeros(64, RANK)})
+    with pytest.raises(CheckpointError, match="13 layers.*12 attention layers"):
+        read_lora(official, stage_c)
+    # official file with the wrong width
+    official = official_lora(stage_c)
+    official["weights.3.lora_up"] = torch.zeros(3 * 96, RANK)
+    with pytest.raises(CheckpointError, match="weights.3"):
+        read_lora(official, stage_c)
+    # an SDXL LoRA
+    sdxl = {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.lora_down.weight": torch.zeros(4, 640),
+            "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_k.lora_up.weight": torch.zeros(640, 4)}
+    with pytest.raises(CheckpointError, match="input_blocks_4.*different model"):
+        read_lora(sdxl, stage_c, te)
+    # unknown key format / unsupported variant
+    with pytest.raises(CheckpointError, match="unknown LoRA key format.*'foo.bar'"):
+        read_lora({"foo.bar": torch.zeros(2)}, stage_c)
+    with pytest.raises(CheckpointError, match="LoHa"):
+        read_lora({"lora_unet_clip_txt_mapper.hada_w1_a": torch.zeros(2, 2)}, stage_c)
+    # corrupt and missing files
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(CheckpointError, match="corrupt.safetensors"):
+        read_lora(corrupt, stage_c)
+    with pytest.raises(CheckpointError, match="not found"):
+        read_lora(tmp_path / "missing.safetensors", stage_c)
+    # text-encoder layers without a text encoder
+    with pytest.raises(InputError, match="text_encoder="):
+        read_lora(onetrainer_lora(), stage_c)
+    assert isinstance(LoRAWeights().rank, int)
