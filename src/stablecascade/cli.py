@@ -34,6 +34,12 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                                                     "and reconstruct (default: fetched from the Hub when needed)")
     g.add_argument("--previewer", metavar="FILE", help="Previewer (previewer.safetensors) for --previews "
                                                        "(default: fetched from the Hub when needed)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="apply a LoRA (official, kohya or OneTrainer format) with an optional scale (default 1); "
+                        "repeat for several")
+    g.add_argument("--lora-token", action="append", default=[], metavar="TOKEN=REGEX",
+                   help="a trained token of an official LoRA file and the vocabulary regex its embedding starts "
+                        "from, e.g. '[fernando]=^dog</w>' (official files do not store them)")
     g.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
     g.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute precision "
                                                            "(default: bf16 on GPUs that support it, else fp32)")
@@ -98,8 +104,23 @@ def _load(args):
     started = time.perf_counter()
     pipe = load_pipeline(prior, decoder, device=args.device, dtype=dtype, effnet=args.effnet,
                          previewer=args.previewer)
+    tokens = [tuple(t.split("=", 1)) if "=" in t else (t, None) for t in args.lora_token]
+    for spec in args.lora:
+        path, scale = _lora_spec(spec)
+        pipe.load_lora(path, scale, new_tokens=tokens or None)
     print(f"loaded models in {time.perf_counter() - started:.1f}s ({pipe.device}, {pipe.dtype})", file=sys.stderr)
     return pipe
+
+
+def _lora_spec(spec: str) -> tuple[str, float]:
+    """FILE[:SCALE] (a Windows drive letter's colon is not a scale)."""
+    path, sep, scale = spec.rpartition(":")
+    if sep and path and not Path(spec).exists():
+        try:
+            return path, float(scale)
+        except ValueError:
+            raise InputError(f"--lora {spec!r}: the scale after ':' must be a number") from None
+    return spec, 1.0
 
 
 def _options(args) -> dict:
@@ -136,7 +157,7 @@ def _save(images, args, pipe, started, **extra) -> list:
     paths = []
     for image in images:
         parameters = {**image.info["parameters"], "prior": str(args.prior), "decoder": str(args.decoder),
-                      "dtype": str(pipe.dtype).replace("torch.", ""), **extra}
+                      "dtype": str(pipe.dtype).replace("torch.", ""), "loras": pipe.loras, **extra}
         paths.append(save_png(image, _free_path(out, "stablecascade"), parameters))
         print(paths[-1])
     print(f"made {len(images)} image(s) in {time.perf_counter() - started:.1f}s, seed "
@@ -164,6 +185,23 @@ def _img2img(args) -> int:
     started = time.perf_counter()
     images = pipe.img2img(args.image, args.prompt, strength=args.strength, **_options(args))
     _save(images, args, pipe, started, input=str(args.image))
+    return 0
+
+
+def _controlnet(args) -> int:
+    pipe = _load(args)
+    if args.controlnet:
+        pipe.load_controlnet(args.kind, args.controlnet)
+    started = time.perf_counter()
+    outpaint = args.outpaint[0] if args.outpaint and len(args.outpaint) == 1 else args.outpaint
+    images, controls = pipe.controlnet(args.kind, args.control, args.prompt, mask=args.mask, outpaint=outpaint,
+                                       control_strength=args.control_strength, saliency=args.saliency,
+                                       face_models=args.face_models, **_options(args))
+    _save(images, args, pipe, started, control=str(args.control), mask=str(args.mask) if args.mask else None)
+    for control in controls:
+        path = _free_path(Path(args.out), f"control_{args.kind}")
+        control.save(path)
+        print(path)
     return 0
 
 
@@ -215,6 +253,28 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(i, None)
     _model_options(i)
     i.set_defaults(run=_img2img)
+
+    c = sub.add_parser("controlnet", help="generate under a ControlNet (canny, inpaint, face, sr)",
+                       description="Generate under a ControlNet. Saves the control image the filter made beside "
+                                   "the results.")
+    c.add_argument("prompt", help="what to draw")
+    c.add_argument("--kind", required=True, choices=["canny", "inpaint", "face", "sr"],
+                   help="canny: follow the edges of --control; inpaint: regenerate where --mask is white (or "
+                        "--outpaint); face: keep the identities in --control; sr: 2x super-resolution of --control")
+    c.add_argument("--control", required=True, type=Path, help="the control image")
+    c.add_argument("--mask", type=Path, help="inpaint: mask image, white = area to generate")
+    c.add_argument("--outpaint", type=int, nargs="+", metavar="PIXELS",
+                   help="inpaint: extend the image by PIXELS on every side, or LEFT TOP RIGHT BOTTOM")
+    c.add_argument("--saliency", type=Path, help="inpaint without --mask: safetensors weights of the official "
+                                                 "saliency model, which picks the area to regenerate")
+    c.add_argument("--face-models", type=Path, help="face: folder with insightface's buffalo_l det_10g.onnx and "
+                                                    "w600k_r50.onnx")
+    c.add_argument("--control-strength", type=float, default=1.0,
+                   help="multiplier of the ControlNet's features (default 1; 0.8 or 0.3 loosen the control)")
+    c.add_argument("--controlnet", type=Path, help="ControlNet weights (default: the released file from the Hub)")
+    _sampling_options(c, None)
+    _model_options(c)
+    c.set_defaults(run=_controlnet)
 
     r = sub.add_parser("reconstruct", help="encode images to Stage C latents and decode them back",
                        description="Encode each image to a Stage C latent (16x24x24 for 1024 px) and decode it with "

@@ -21,6 +21,8 @@ from . import checkpoints, diffusion, hub
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
 from .images import load_image, resize, to_pil
+from .models.controlnet import CONTROLNET
+from .models.lora import LoRAManager, read_lora
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,12 @@ SAMPLING_DEFAULTS = {  # per mode: (Stage C shift, Stage B shift, cfg_rho); offi
 }
 PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
+CONTROLNET_FILES = {  # released ControlNets in the Hub repo; the face identity weights were never released
+    "canny": "controlnet/canny.safetensors",
+    "inpaint": "controlnet/inpainting.safetensors",
+    "sr": "controlnet/super_resolution.safetensors",
+}
+CONTROL_KINDS = {"canny": "canny", "inpaint": "inpaint", "face": "identity", "sr": "sr"}  # CLI name -> config name
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 PreviewCallback = Callable[[int, torch.Tensor], None]
@@ -78,6 +86,8 @@ class StableCascadePipeline:
         self.device, self.dtype = torch.device(device), dtype
         # optional parts: loaded objects, or paths loaded on first use (None: the released files from the Hub)
         self._image_encoder, self._effnet, self._previewer = image_encoder, effnet, previewer
+        self._controlnets: dict = {}
+        self._loras: Optional[LoRAManager] = None
         self._check_compatible()
 
     def _check_compatible(self):
@@ -143,7 +153,7 @@ class StableCascadePipeline:
         def denoise(x, r):
             if uncond is None or guidance <= 1:
                 return model(x.to(self.dtype), r.to(self.dtype), **cond).float()
-            both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+            both = {k: _concat(cond[k], uncond[k]) for k in cond}
             pred = model(torch.cat([x, x]).to(self.dtype), torch.cat([r, r]).to(self.dtype), **both).float()
             pred_cond, pred_uncond = pred.chunk(2)
             return diffusion.guidance(pred_cond, pred_uncond, guidance, rho)
@@ -164,9 +174,10 @@ class StableCascadePipeline:
         return torch.randn(shape, generator=run.generator, dtype=torch.float32).to(self.device)
 
     def _prior(self, run: _Run, clip_img: Optional[torch.Tensor] = None, init: Optional[torch.Tensor] = None,
-               strength: float = 1.0):
+               strength: float = 1.0, cnet: Optional[list] = None):
         """Stage C latents (B,16,h,w) and the pooled text of both CFG halves. With `init` (clean latents), start
-        from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps."""
+        from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
+        ControlNet's output for one image, given to both CFG halves as in the official code."""
         shift, _, rho = SAMPLING_DEFAULTS[run.sampling]
         text, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
         neg_text, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
@@ -174,6 +185,8 @@ class StableCascadePipeline:
         image = no_image if clip_img is None else clip_img.to(self.device, self.dtype).expand(run.batch, -1, -1)
         cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=image)
         uncond = dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=torch.zeros_like(image))
+        if cnet is not None:
+            cond["cnet"] = uncond["cnet"] = [None if c is None else c.expand(run.batch, -1, -1, -1) for c in cnet]
         (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
         shape = (run.batch, self.stage_c.config.c_out, hc, wc)
 
@@ -325,6 +338,107 @@ class StableCascadePipeline:
         images = self._decoder(run, latents.float().repeat_interleave(run.n, 0), pooled, neg_pooled)
         return self._output(images, run, "decode")
 
+    @torch.inference_mode()
+    def controlnet(self, kind: str, control: ImageInput, prompt: Union[str, Sequence[str]], *,
+                   mask=None, outpaint=None, control_strength: float = 1.0, saliency=None, face_models=None,
+                   **options):
+        """Generate under a ControlNet; returns (images, control images) so the filter's work can be seen.
+
+        kind: "canny" (edges of `control`), "inpaint" (regenerate where `mask` is white; `outpaint=pixels` pads the
+        image instead, an int or (left, top, right, bottom); without a mask, `saliency` weights find one), "face"
+        (insightface identities from `control`, models in `face_models`), "sr" (2x super-resolution of `control`,
+        guidance 1 by default as in the official notebook). The output size defaults to the control image's
+        (scaled down to 1024x1024 pixels of area), or twice it for "sr". `options` are those of text-to-image."""
+        from . import controlnet_filters as filters
+
+        if kind not in CONTROL_KINDS:
+            raise InputError(f"kind must be one of {sorted(CONTROL_KINDS)}, got {kind!r}")
+        if not isinstance(control_strength, (int, float)) or not math.isfinite(control_strength):
+            raise InputError(f"control_strength must be a finite number, got {control_strength!r}")
+        net = self.load_controlnet(kind) if kind not in self._controlnets else self._controlnets[kind]
+        pixels = load_image(control)[None].to(self.device)
+        if kind == "inpaint" and outpaint is not None:
+            pixels, mask = filters.pad_for_outpaint(pixels, outpaint)
+        if kind == "sr":
+            height, width = filters.sr_output_size(*pixels.shape[-2:])
+            options = {"prior_guidance": 1.0, **options}
+        else:
+            width, height = default_size(pixels.shape[-1], pixels.shape[-2])
+        run = self._settings(prompt=prompt, **{"width": width, "height": height, **options})
+        (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
+        seen = resize(pixels, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)  # what the ControlNet's backbone looks at
+        if kind == "canny":
+            control_input = filters.canny_control(seen)
+            preview = control_input.expand(-1, 3, -1, -1)
+        elif kind == "inpaint":
+            control_input = filters.inpaint_control(seen, mask, saliency=saliency)
+            preview = control_input[:, :3]
+        elif kind == "face":
+            if face_models is None:
+                raise InputError("the face ControlNet needs face_models=<folder with the insightface buffalo_l files "
+                                 f"{', '.join(filters.FACE_MODEL_FILES)}>")
+            control_input, preview = filters.face_identity_control(seen, face_models), seen
+        else:
+            control_input = filters.sr_upscale_control(self.effnet, pixels)
+            preview = pixels
+        features = [None if f is None else f * control_strength for f in net(control_input.to(self.dtype))]
+        images = self._decoder(run, *self._prior(run, cnet=features))
+        preview = resize(preview.float().clamp(0, 1), run.height, run.width).cpu()
+        return (self._output(images, run, "controlnet", controlnet=kind, control_strength=control_strength),
+                to_pil(preview) if run.output_type == "pil" else preview)
+
+    def load_controlnet(self, kind: str, path: Optional[Union[str, Path]] = None) -> torch.nn.Module:
+        """Load the ControlNet used for `kind` (default: the released file from the Hub)."""
+        if kind not in CONTROL_KINDS:
+            raise InputError(f"kind must be one of {sorted(CONTROL_KINDS)}, got {kind!r}")
+        if path is None:
+            if kind not in CONTROLNET_FILES:
+                raise CheckpointError(f"no released weights exist for the {kind} ControlNet: pass the path of a "
+                                      "trained one")
+            path = hub.file(hub.DECODER_REPO, CONTROLNET_FILES[kind])
+        net = checkpoints.load_controlnet(path, dtype=self.dtype, device=self.device)
+        want = CONTROLNET[CONTROL_KINDS[kind]].c_in
+        if net.config.c_in != want:
+            raise CheckpointError(f"{path} is a ControlNet for {net.config.c_in}-channel controls, not the {kind} "
+                                  f"ControlNet ({want} channels)")
+        if net.config.c_proj != self.stage_c.config.c_hidden[0] or max(net.config.proj_blocks) >= \
+                self.stage_c.resblock_calls:
+            raise CheckpointError(f"{path} was made for a different Stage C (the released ControlNets need the 3.6B "
+                                  "Stage C)")
+        self._controlnets[kind] = net
+        return net
+
+    def load_lora(self, path: Union[str, Path, dict], scale: float = 1.0, *, mode: str = "merge",
+                  new_tokens: Optional[Sequence] = None, name: Optional[str] = None) -> str:
+        """Apply a LoRA (official, kohya or OneTrainer format) to Stage C and the text encoder; several can be
+        stacked, each with its scale. mode "merge" folds it into the weights (fastest), "adapter" keeps it
+        switchable. `new_tokens` [(token, init regex)] names the trained tokens of official files that do not
+        store them (e.g. [("[fernando]", "^dog</w>")]). Returns the LoRA's name for `set_lora_scale`."""
+        if mode not in ("merge", "adapter"):
+            raise InputError(f"mode must be 'merge' or 'adapter', got {mode!r}")
+        if self._loras is None:
+            self._loras = LoRAManager(self.stage_c, self.text_encoder)
+        lora = read_lora(path, self.stage_c, self.text_encoder, new_tokens=new_tokens)
+        name = self._loras.add(lora, scale, name=name or (Path(path).stem if not isinstance(path, dict) else None))
+        self._loras.apply(mode)
+        return name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        if self._loras is None:
+            raise InputError("no LoRA is loaded")
+        self._loras.set_scale(name, scale)
+
+    def unload_loras(self) -> None:
+        """Remove every LoRA: weights, tokenizer and token embeddings are restored exactly."""
+        if self._loras is not None:
+            self._loras.unmerge()
+            self._loras = None
+
+    @property
+    def loras(self) -> dict:
+        """Loaded LoRAs: name -> scale."""
+        return {} if self._loras is None else dict(self._loras.scales)
+
     # --------------------------------------------------------------------------------------- validation
     def _settings(self, prompt, negative_prompt="", width=1024, height=1024, num_images_per_prompt=1,
                   prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0, seed=None,
@@ -362,6 +476,13 @@ class StableCascadePipeline:
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seed, generator, sampling, output_type, progress,
                     _check_compression(compression), preview_callback)
+
+
+def _concat(cond, uncond):
+    """The [cond; uncond] batch of one model input (ControlNet lists element-wise, None kept)."""
+    if isinstance(cond, list):
+        return [None if c is None else torch.cat([c, u]) for c, u in zip(cond, uncond)]
+    return torch.cat([cond, uncond])
 
 
 def _check_compression(compression) -> float:
