@@ -317,3 +317,18 @@ def official_vqgan_state_dict(vq: torch.nn.Module) -> dict[str, torch.Tensor]:
     """PaellaVQModel state dict under official Stage A names (only the codebook key differs)."""
     return {k.replace("vquantizer.embedding.weight", "vquantizer.codebook.weight"): v.detach().clone().contiguous()
             for k, v in vq.state_dict().items()}
+
+
+def released_variants():
+    """The released variants: (component kind, our config, name of its key list in shared/reference/official-keys)."""
+    from stablecascade import configs
+
+    return [
+        ("stage_c", configs.STAGE_C["3b"], "stage_c_3b"),
+        ("stage_c", configs.STAGE_C["1b"], "stage_c_1b"),
+        ("stage_b", configs.STAGE_B["3b"], "stage_b_3b"),
+        ("stage_b", configs.STAGE_B["700m"], "stage_b_700m"),
+        ("stage_a", configs.STAGE_A["f4"], "stage_a"),
+        ("effnet", configs.EffnetConfig(), "effnet"),
+        ("previewer", configs.PreviewerConfig(), "previewer"),
+    ]

@@ -98,15 +98,7 @@ def test_diffusers_to_official_rejects_incomplete_attention():
 
 
 # ---------------------------------------------------------------------------------------- config inference
-RELEASED = [
-    ("stage_c", configs.STAGE_C["3b"], "stage_c_3b"),
-    ("stage_c", configs.STAGE_C["1b"], "stage_c_1b"),
-    ("stage_b", configs.STAGE_B["3b"], "stage_b_3b"),
-    ("stage_b", configs.STAGE_B["700m"], "stage_b_700m"),
-    ("stage_a", configs.STAGE_A["f4"], "stage_a"),
-    ("effnet", configs.EffnetConfig(), "effnet"),
-    ("previewer", configs.PreviewerConfig(), "previewer"),
-]
+RELEASED = oracle.released_variants()
 
 
 @pytest.mark.parametrize(("kind", "config", "tsv"), RELEASED, ids=[r[2] for r in RELEASED])

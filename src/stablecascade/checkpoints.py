@@ -92,6 +92,19 @@ _ATTN = re.compile(r"^(.*\.attention)\.(?:attn\.(in_proj_weight|in_proj_bias|out
                    r"|(to_q|to_k|to_v|to_out\.0)\.(weight|bias))$")
 
 
+_RENAMES = {  # kind -> (official key prefix, diffusers key prefix), besides the attention layout
+    "stage_b": ("clip_mapper.", "clip_txt_pooled_mapper."),
+    "stage_a": ("vquantizer.codebook.", "vquantizer.embedding."),
+}
+
+
+def _rename(key: str, kind: str, to_diffusers: bool) -> str:
+    if kind not in _RENAMES:
+        return key
+    old, new = _RENAMES[kind] if to_diffusers else _RENAMES[kind][::-1]
+    return new + key[len(old):] if key.startswith(old) else key
+
+
 def official_to_diffusers(state: dict, kind: str) -> dict:
     out = {}
     for key, t in state.items():
@@ -104,12 +117,8 @@ def official_to_diffusers(state: dict, kind: str) -> dict:
                     out[f"{prefix}.{part}.{suffix}"] = chunk
             else:
                 out[f"{prefix}.to_out.0.{name.split('.')[-1]}"] = t
-        elif kind == "stage_b" and key.startswith("clip_mapper."):
-            out["clip_txt_pooled_mapper." + key.split(".", 1)[1]] = t
-        elif kind == "stage_a" and key == "vquantizer.codebook.weight":
-            out["vquantizer.embedding.weight"] = t
         else:
-            out[key] = t
+            out[_rename(key, kind, to_diffusers=True)] = t
     return out
 
 
@@ -123,12 +132,8 @@ def diffusers_to_official(state: dict, kind: str) -> dict:
                 out[f"{prefix}.attn.out_proj.{suffix}"] = t
             else:
                 qkv.setdefault((prefix, suffix), {})[part] = t
-        elif kind == "stage_b" and key.startswith("clip_txt_pooled_mapper."):
-            out["clip_mapper." + key.split(".", 1)[1]] = t
-        elif kind == "stage_a" and key == "vquantizer.embedding.weight":
-            out["vquantizer.codebook.weight"] = t
         else:
-            out[key] = t
+            out[_rename(key, kind, to_diffusers=False)] = t
     for (prefix, suffix), parts in qkv.items():
         if set(parts) != {"to_q", "to_k", "to_v"}:
             raise CheckpointError(f"attention weights of {prefix} are incomplete: found only {sorted(parts)}")
