@@ -57,7 +57,8 @@ def test_bad_input_exits_2_with_message_and_no_traceback(tiny, tmp_path, capsys,
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-@pytest.mark.parametrize("command", ["generate", "variation", "img2img", "reconstruct"])
+@pytest.mark.parametrize("command", ["generate", "variation", "img2img", "reconstruct", "controlnet", "serve", "ui",
+                                     "download"])
 def test_help_explains_every_option(command):
     parser = build_parser()._subparsers._group_actions[0].choices[command]
     text = parser.format_help()

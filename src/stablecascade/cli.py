@@ -224,6 +224,24 @@ def _reconstruct(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from . import server
+
+    return server.main(args, _load)
+
+
+def _ui(args) -> int:
+    from . import webui
+
+    return webui.main(args, _load)
+
+
+def _download(args) -> int:
+    from . import download
+
+    return download.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="stablecascade", description="Stable Cascade (Würstchen v3) image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -284,6 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(r, None, prior=False)
     _model_options(r)
     r.set_defaults(run=_reconstruct)
+
+    from . import download, server, webui  # light imports: FastAPI/Gradio load only when a command runs
+
+    s = sub.add_parser("serve", help="HTTP API over one shared model (FastAPI)",
+                       description="Serve a JSON API with a bounded job queue; OpenAPI docs at /docs. Needs the "
+                                   "web extra (pip install 'stablecascade[web]').")
+    server.add_arguments(s)
+    _model_options(s)
+    s.set_defaults(run=_serve)
+
+    u = sub.add_parser("ui", help="web UI (Gradio)",
+                       description="Web UI with text-to-image, variation, image-to-image, ControlNet and LoRA tabs, "
+                                   "live previews, a gallery and a shared queue. Needs the web extra.")
+    webui.add_arguments(u)
+    _model_options(u)
+    u.set_defaults(run=_ui)
+
+    d = sub.add_parser("download", help="fetch the official weights from the Hugging Face Hub",
+                       description="Fetch the official model files (the download_models.sh choices) with resume, "
+                                   "cache, offline mode and checksums.")
+    download.add_arguments(d)
+    d.set_defaults(run=_download)
     return parser
 
 

@@ -1,0 +1,187 @@
+"""The Gradio web UI over the tiny random pipeline, driven in a real headless Chromium (Debian's `chromium`,
+through Playwright): type a prompt, click Generate, see the image. Plus the handlers without a browser
+(previews streamed, cancellation, input errors) and the UI served together with the HTTP API.
+
+Chromium is required, not optional: CI installs it (`apt-get install -y chromium`); point
+$STABLECASCADE_CHROMIUM at another binary if it lives elsewhere."""
+
+import json
+import os
+import shutil
+import socket
+import time
+
+import pytest
+from PIL import Image
+
+from stablecascade import webui
+
+SMALL = {"width": 64, "height": 64, "prior_steps": 2, "decoder_steps": 1, "num_images": 1}
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def chromium_path() -> str:
+    path = os.environ.get("STABLECASCADE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path or not os.path.exists(path):
+        pytest.fail("Chromium is needed for the web UI test and was not found: install it (Debian/Ubuntu: "
+                    "`apt-get install -y chromium`) or set STABLECASCADE_CHROMIUM to its path", pytrace=False)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ui(pipe, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ui-out")
+    port = free_port()
+    demo = webui.launch(pipe, port=port, out_dir=out, defaults=SMALL, block=False, quiet=True,
+                        extra_parameters={"prior": "tiny", "decoder": "tiny", "dtype": "float32"})
+    yield demo, f"http://127.0.0.1:{port}/", out
+    webui.close(demo)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the Python package playwright is needed for the web UI test: pip install playwright",
+                    pytrace=False)
+    executable = chromium_path()
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def test_typing_a_prompt_and_clicking_generate_shows_an_image(ui, browser, tmp_path):
+    demo, url, out = ui
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    outside = []
+
+    def only_local(route):  # the app must work without (and never reach for) the internet
+        if route.request.url.startswith(url.rstrip("/")):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_local)
+    page.goto(url)
+    page.wait_for_selector("#txt2img-prompt textarea", timeout=30_000)
+    for tab in ("Text to image", "Image variation", "Image to image", "ControlNet", "LoRA"):
+        assert page.get_by_role("tab", name=tab).is_visible(), tab
+    page.fill("#txt2img-prompt textarea", "a lighthouse at dusk")
+    page.click("#txt2img-generate")
+    page.wait_for_selector("#gallery img", timeout=60_000)
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=30_000)
+    # the picture really decoded in the browser, at the generated size
+    size = page.eval_on_selector("#gallery img", "img => [img.naturalWidth, img.naturalHeight]")
+    assert size == [64, 64]
+    assert page.query_selector("#preview img") is not None  # the last Stage C preview stays on screen
+    shown = page.inner_text("#parameters")  # the parameters of the new image, next to the gallery
+    assert "a lighthouse at dusk" in shown and "prior_steps" in shown and "seed" in shown
+    page.screenshot(path=str(tmp_path / "webui.png"), full_page=True)
+    assert outside == []
+    page.close()
+    # the saved PNG carries the parameters, plus the model names
+    saved = sorted(out.glob("*.png"))
+    assert len(saved) == 1
+    with Image.open(saved[0]) as im:
+        params = json.loads(im.text["stablecascade"])
+        assert im.size == (64, 64)
+    assert params["prompt"] == "a lighthouse at dusk" and params["prior_steps"] == 2 and params["prior"] == "tiny"
+
+
+def test_generate_streams_previews_then_the_gallery(pipe, tmp_path):
+    from stablecascade.server import Worker
+
+    with Worker(pipe) as worker:
+        ui = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
+        values = {**ui.defaults, "prompt": "a fox", "negative_prompt": "", "randomize_seed": False, "seed": 7,
+                  "prior_steps": 3}
+        updates = list(ui._generate(ui._txt2img, values, [{"path": "older.png", "caption": "old", "parameters": {}}],
+                                    "seed-box", None))
+    assert updates[0]["seed-box"] == 7
+    previews = [u[ui._preview_box] for u in updates if ui._preview_box in u]
+    assert previews and previews[-1].size == (256, 256)  # 16x16 Previewer output, enlarged for display
+    final = updates[-1]
+    gallery = final[ui._gallery_box]
+    assert len(gallery) == 2 and gallery[1] == ("older.png", "old")  # newest first
+    assert gallery[0][1].startswith("a fox · text-to-image · seed 7 · 64×64 · C 3 steps")
+    assert final[ui._details_box]["seed"] == 7 and "Done: 1 image(s)" in final[ui._status_box]
+
+
+def test_closing_the_stream_cancels_the_job_and_bad_input_is_reported(pipe, tmp_path):
+    import gradio as gr
+
+    from stablecascade.server import Worker
+
+    with Worker(pipe) as worker:
+        ui = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
+        values = {**ui.defaults, "prompt": "slow", "negative_prompt": "", "prior_steps": 50, "previews": False}
+        stream = ui._generate(ui._txt2img, values, [], "seed-box", None)
+        next(stream)
+        job = worker.jobs()[-1]
+        deadline = time.monotonic() + 30
+        while job.status == "queued" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream.close()  # what Gradio does when the user cancels or leaves
+        assert job.wait(30) and job.status == "cancelled" and not job.pngs
+        with pytest.raises(gr.Error, match="type a prompt"):
+            next(ui._generate(ui._txt2img, {**values, "prompt": "  "}, [], "seed-box", None))
+        with pytest.raises(gr.Error, match="upload an input image"):
+            next(ui._generate(ui._img2img, {**values, "image": None, "strength": 0.5}, [], "seed-box", None))
+
+
+def test_ui_and_http_api_from_one_process(pipe, tmp_path):
+    import httpx
+
+    port = free_port()
+    demo = webui.launch(pipe, port=port, out_dir=tmp_path, defaults=SMALL, block=False, quiet=True, api=True,
+                        api_key="k")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            assert c.get("/health").json()["auth"] is True
+            assert c.get("/v1/jobs").status_code == 401
+            r = c.post("/v1/txt2img?wait=true", headers={"X-API-Key": "k"},
+                       json={"prompt": "x", "width": 64, "height": 64, "prior_steps": 1, "decoder_steps": 1})
+            assert r.status_code == 200 and r.json()["status"] == "done"
+            page = c.get("/")
+            assert page.status_code == 200 and "gradio" in page.text.lower()
+    finally:
+        webui.close(demo)
+
+
+def test_controlnet_and_lora_tabs_run_real_jobs(tiny, small_parts, tmp_path):
+    import stablecascade
+    import torch
+
+    from stablecascade.server import Worker
+    from test_server import kohya_lora_file, tiny_canny_controlnet
+
+    own = stablecascade.load_pipeline(tiny.prior, tiny.decoder, device="cpu", dtype=torch.float32,
+                                      effnet=small_parts.effnet, previewer=small_parts.previewer)
+    if not (callable(getattr(own, "controlnet", None)) and callable(getattr(own, "load_lora", None))):
+        pytest.skip("the pipeline has no ControlNet/LoRA support yet")
+    own.load_controlnet("canny", tiny_canny_controlnet(own, tmp_path / "canny.safetensors"))
+    (tmp_path / "loras").mkdir()
+    kohya_lora_file(own, tmp_path / "loras" / "style.safetensors")
+    with Worker(own) as worker:
+        ui = webui.WebUI(worker, out_dir=tmp_path / "out", lora_dir=tmp_path / "loras", defaults=SMALL)
+        assert ui._lora_files() == ["style.safetensors"]
+        base = {**ui.defaults, "negative_prompt": "", "randomize_seed": False, "seed": 3, "previews": False}
+        control = {**base, "kind": "canny", "image": Image.new("RGB", (64, 64), "white"), "mask": None,
+                   "control_strength": 1.0, "prompt": "a house", "size_from_input": True}
+        final = list(ui._generate(ui._controlnet, control, [], "seed-box", None))[-1]
+        gallery = final[ui._gallery_box]
+        assert [c for _, c in gallery][1] == "control image (canny)" and "controlnet" in gallery[0][1]
+        lora = {**base, "files": ["style.safetensors"], "upload": None, "scale": 0.8, "prompt": "a cat"}
+        final = list(ui._generate(ui._lora, lora, [], "seed-box", None))[-1]
+        assert final[ui._gallery_box][0][1].endswith("LoRA style.safetensors@0.8")
+        assert final[ui._details_box]["loras"] == [{"path": "style.safetensors", "scale": 0.8}]
