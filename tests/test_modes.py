@@ -31,6 +31,7 @@ def test_previews_once_per_step_with_latent_shapes(pipe, width, height, compress
 
 
 def test_encode_decode_round_trip_shapes(pipe):
+    assert pipe.encode(picture(1024, 1024)).shape == (1, 16, 24, 24)  # the default compression of the releases
     latents = pipe.encode([picture(256, 256, 1), picture(256, 256, 2)])
     assert latents.shape == (2, 16, 6, 6)  # ceil(256 / 42.67)
     assert pipe.encode(picture(256, 256), compression=32).shape == (1, 16, 8, 8)
