@@ -218,3 +218,35 @@ def test_two_processes_match_one(tmp_path, folder):
     assert two == pytest.approx(one, rel=1e-4, abs=1e-6)
     for k, v in single.trained.state_dict().items():
         torch.testing.assert_close(reports[0]["state"][k], v, rtol=1e-3, atol=1e-5)
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_shape_dataset_and_detector_agree(tmp_path):
+    """The evaluation's detector reads back what the generator drew (for every combination kind)."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_nano import analyse
+    from make_shapes import COLOURS, POSITIONS, SHAPES, draw, generate, heldout
+
+    rng = random.Random(0)
+    for shape in SHAPES:
+        for position in POSITIONS:
+            colour = rng.choice(list(COLOURS))
+            background = rng.choice([c for c in COLOURS if c != colour])
+            found = analyse(np.asarray(draw(colour, shape, position, background, 64, jitter=1.0, rng=rng)))
+            assert found == {"colour": colour, "shape": shape, "position": position, "background": background}
+    made = generate(tmp_path, 10)
+    assert not {m[:3] for m in made} & heldout()
+    assert (tmp_path / "000000.txt").read_text().startswith("a ")
