@@ -61,6 +61,7 @@ class TrainConfig:
 
     # -- diffusion objective
     target: str = "eps"  # eps | v
+    noise_shift: float = 1.0  # GDF shift of the training noise levels (SNR / shift²); sampling must use the same
     loss_weight: str = "adaptive"  # adaptive | p2 | constant
     adaptive_buckets: int = 300
     adaptive_beta: float = 0.99

@@ -17,8 +17,8 @@ def draw_t(n: int, gen: torch.Generator) -> torch.Tensor:
     return (1 - torch.rand(n, generator=gen) + 0.001).clamp(0.001, 1.0)
 
 
-def training_logsnr(n: int, gen: torch.Generator) -> torch.Tensor:
-    return logsnr(draw_t(n, gen))
+def training_logsnr(n: int, gen: torch.Generator, shift: float = 1.0) -> torch.Tensor:
+    return logsnr(draw_t(n, gen), shift)
 
 
 def p2_weight(lam: torch.Tensor) -> torch.Tensor:

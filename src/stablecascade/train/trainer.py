@@ -397,7 +397,7 @@ class Trainer:
         images = images.to(self.device)
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
-        lam = training_logsnr(n, g)[sl].to(self.device)
+        lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
         with torch.no_grad():
             if task == "b":
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
@@ -723,7 +723,7 @@ class Trainer:
         _, pooled = self._text(captions)
         _, neg = self._text([""] * len(captions))
         return decode_b(self.trained, self.stage_a, effnet, pooled, neg, images.shape[-1], gen, self.device,
-                        height=images.shape[-2])
+                        height=images.shape[-2], shift=self.cfg.noise_shift)
 
 
 def _lam_from_r(r):
@@ -739,7 +739,7 @@ def _strip_checkpointing(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def decode_b(stage_b, stage_a, effnet, pooled, neg_pooled, width, gen, device, *, height=None, steps=10,
-             cfg_scale=1.1):
+             cfg_scale=1.1, shift=1.0):
     """Stage B sampling (10 steps, cfg 1.1, as the notebooks) and Stage A decoding -> images in [0, 1]."""
     height = height or width
     n = effnet.shape[0]
@@ -751,7 +751,7 @@ def decode_b(stage_b, stage_a, effnet, pooled, neg_pooled, width, gen, device, *
         pc, pu = p.chunk(2)
         return diffusion.guidance(pc, pu, cfg_scale)
 
-    latents = diffusion.sample(denoise, x, steps, generator=gen)
+    latents = diffusion.sample(denoise, x, steps, shift=shift, generator=gen)
     return stage_a.decode(latents).float().clamp(0, 1).cpu()
 
 
