@@ -84,10 +84,12 @@ class _Run:
 class StableCascadePipeline:
     def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
-                 previewer: Union[torch.nn.Module, Path, None] = None, native_size: int = 1024):
+                 previewer: Union[torch.nn.Module, Path, None] = None, native_size: int = 1024,
+                 official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2]):
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype = torch.device(device), dtype
         self.native_size = native_size  # the side the prior was trained at: the default width and height
+        self.official_shifts = official_shifts  # (Stage C, Stage B) schedule shifts the models were made for
         # optional parts: loaded objects, or paths loaded on first use (None: the released files from the Hub)
         self._image_encoder, self._effnet, self._previewer = image_encoder, effnet, previewer
         self._controlnets: dict = {}
@@ -178,6 +180,11 @@ class StableCascadePipeline:
             return diffusion.sample(denoise, x, steps, shift=shift, t_start=t_start, mode=run.sampling,
                                     generator=run.generator, callback=callback)
 
+    def _schedule(self, sampling: str) -> tuple[float, float, float]:
+        """(Stage C shift, Stage B shift, cfg_rho) of a sampling mode; "official" uses the models' own shifts."""
+        c_shift, b_shift, rho = SAMPLING_DEFAULTS[sampling]
+        return (*self.official_shifts, rho) if sampling == "official" else (c_shift, b_shift, rho)
+
     def _noise(self, shape, run: _Run) -> torch.Tensor:
         return torch.randn(shape, generator=run.generator, dtype=torch.float32).to(self.device)
 
@@ -186,7 +193,7 @@ class StableCascadePipeline:
         """Stage C latents (B,16,h,w) and the pooled text of both CFG halves. With `init` (clean latents), start
         from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
         ControlNet's output for one image, given to both CFG halves as in the official code."""
-        shift, _, rho = SAMPLING_DEFAULTS[run.sampling]
+        shift, _, rho = self._schedule(run.sampling)
         text, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
         neg_text, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
         no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
@@ -220,7 +227,7 @@ class StableCascadePipeline:
 
     def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
         """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""
-        _, shift, rho = SAMPLING_DEFAULTS[run.sampling]
+        _, shift, rho = self._schedule(run.sampling)
         effnet = latents_c.to(self.device, self.dtype)
         cond = dict(effnet=effnet, clip=pooled)
         uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
@@ -604,19 +611,22 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     and the Previewer run in float32 (they are small).
 
     "nano" (for both) is the built-in model: a tiny cascade trained on 64x64 coloured shapes ("a red circle at
-    the top left on a blue background") that runs offline in a second; its own encoder and Previewer come with it."""
+    the top left on a blue background") that runs offline in a second; its own encoder and Previewer come with it.
+    Any folder laid out like it (model.json, prior/, decoder/; scripts/train_nano.py writes one) loads the same way."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    native_size = 1024
-    if str(prior) == hub.NANO:
+    native_size, shifts = 1024, SAMPLING_DEFAULTS["official"][:2]
+    bundle = _bundle(prior)
+    if bundle is not None:
         from .models.effnet import load_nano_encoder
 
-        manifest = json.loads((NANO_DIR / "model.json").read_text())
-        prior, native_size = NANO_DIR / "prior", manifest["native_size"]
-        effnet = effnet or load_nano_encoder(NANO_DIR / manifest["effnet"], device=device)
-        previewer = previewer or NANO_DIR / manifest["previewer"]
-    if str(decoder) == hub.NANO:
-        decoder = NANO_DIR / "decoder"
+        manifest = json.loads((bundle / "model.json").read_text())
+        prior, native_size, shifts = bundle / "prior", manifest["native_size"], tuple(manifest["shifts"])
+        effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
+        previewer = previewer or bundle / manifest["previewer"]
+    bundle = _bundle(decoder)
+    if bundle is not None:
+        decoder = bundle / "decoder"
     variant = "bf16" if dtype == torch.bfloat16 else None
     prior_parts, decoder_parts = _resolve(prior, "prior", variant), _resolve(decoder, "decoder", variant)
     for role, parts, key in (("prior", prior_parts, "stage_c"), ("decoder", decoder_parts, "stage_b")):
@@ -632,7 +642,17 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     text_encoder = _load_text_encoder(text_parts, dtype, device)
     return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
                                  image_encoder=prior_parts.get("image_encoder"),
-                                 effnet=_part(effnet), previewer=_part(previewer), native_size=native_size)
+                                 effnet=_part(effnet), previewer=_part(previewer), native_size=native_size,
+                                 official_shifts=shifts)
+
+
+def _bundle(source: Source) -> Optional[Path]:
+    """A model bundle: a folder with model.json, prior/ and decoder/ (what scripts/train_nano.py writes; "nano" is
+    the built-in one), or None."""
+    if isinstance(source, Mapping):
+        return None
+    path = NANO_DIR if str(source) == hub.NANO else Path(source).expanduser()
+    return path if (path / "model.json").is_file() else None
 
 
 def _part(value):
