@@ -4,10 +4,11 @@ reconstruction PSNR.
 Alignment: each generated 64 px image is analysed without any learned model: the background colour is the
 palette colour nearest the border pixels, the foreground is every pixel far from it; its mean colour, the 3x3 cell
 of its centroid, and its fill ratio in its bounding box (square ≈ 1, circle ≈ 0.79, triangle ≈ 0.5) give the
-colour, position and shape. Reconstruction: held-out images are encoded to Stage C latents (the NanoEncoder),
-decoded by Stage B + Stage A, and compared with the originals (PSNR); Stage A alone is reported too.
+colour, position and shape. Reconstruction: held-out images are encoded to Stage C latents (the nano encoder) and
+decoded by Stage B + Stage A (`pipe.encode` / `pipe.decode`), and compared with the originals (PSNR); Stage A alone
+is reported too.
 
-    python scripts/eval_nano.py [--model src/stablecascade/assets/nano] [--n 60] [--split heldout|train]
+    python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def analyse(image: np.ndarray) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, default=ROOT / "src/stablecascade/assets/nano")
+    p.add_argument("--model", default="nano", help="the built-in model, or a folder written by train_nano.py")
     p.add_argument("--n", type=int, default=60, help="prompts to generate")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--seed", type=int, default=0)
@@ -66,10 +67,8 @@ def main(argv=None):
 
     import stablecascade
     from stablecascade.images import psnr
-    from stablecascade.models.effnet import load_nano_encoder
-    from stablecascade.train.trainer import decode_b
 
-    pipe = stablecascade.load_pipeline(a.model / "prior", a.model / "decoder", device="cpu", dtype=torch.float32)
+    pipe = stablecascade.load_pipeline(a.model, a.model, device="cpu", dtype=torch.float32)
     rng = random.Random(a.seed)
     held = heldout()
     triples = sorted(held) if a.split == "heldout" else sorted(
@@ -91,16 +90,12 @@ def main(argv=None):
         hits["all"] += all(ok.values())
     alignment = {k: round(v / len(cases), 3) for k, v in hits.items()}
 
-    encoder = load_nano_encoder(str(a.model / "nano_encoder.safetensors"))
     images = torch.stack([torch.from_numpy(np.asarray(draw(*c, size=64, jitter=1.0, rng=random.Random(j))))
                           .permute(2, 0, 1).float() / 255 for j, c in enumerate(cases[:16])])
     with torch.no_grad():
         stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
-        latents = encoder(images)
-        pooled = pipe.text_encoder([caption(*c) for c in cases[:16]])[1]
-        neg = pipe.text_encoder([""] * len(images))[1]
-        gen = torch.Generator().manual_seed(a.seed)
-        full = decode_b(pipe.stage_b, pipe.stage_a, latents, pooled, neg, 64, gen, "cpu")
+    full = pipe.decode(pipe.encode(list(images)), prompt=[caption(*c) for c in cases[:16]], width=64, height=64,
+                       seed=a.seed, output_type="pt", progress=False)
     figures = {"split": a.split, "prompts": len(cases), "alignment": alignment,
                "psnr_stage_a": round(psnr(stage_a_only, images), 2),
                "psnr_reconstruction": round(psnr(full, images), 2)}

@@ -55,32 +55,33 @@ def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
     return model
 
 
-def train_previewer(data: Path, encoder, steps: int, batch: int, lr: float, seed: int = 0):
-    """A small Previewer (Stage C latent -> RGB at 8x) for live previews, fitted to the encoder's latents of the
-    training images against the images downscaled to the preview size."""
+def train_encoder(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
+    """The nano image encoder (the EfficientNet's stand-in, defining the Stage C latent space) and a small Previewer,
+    trained together as an autoencoder: image -> 16 x H/32 x W/32 latent -> RGB at H/4 (the Previewer's 8x), against
+    the image downscaled to that size. So the latent holds what the picture shows (colours, shape, position), and
+    the Previewer can show any Stage C latent as a picture during sampling."""
     import torch.nn.functional as F
 
     from stablecascade import configs
-    from stablecascade.models import Previewer
+    from stablecascade.models import NanoEncoder, Previewer
     from stablecascade.train import data as D
 
     torch.manual_seed(seed)
-    model = Previewer(configs.PreviewerConfig(c_hidden=64)).train()
+    encoder, previewer = NanoEncoder().train(), Previewer(configs.PreviewerConfig(c_hidden=64)).train()
     source = D.ImageSource(D.index_sources([str(data)]))
     sampler = D.Sampler(source, batch, [(64, 64)], seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([*encoder.parameters(), *previewer.parameters()], lr=lr, weight_decay=0.0)
     for step in range(steps):
         images, _ = D.load_batch(source, next(sampler), slice(None), {})
-        with torch.no_grad():
-            latents = encoder(images)
-            target = F.interpolate(images, scale_factor=latents.shape[-1] * 8 / images.shape[-1], mode="area")
-        loss = F.mse_loss(model(latents), target)
+        loss = F.mse_loss(previewer(encoder(images)), F.avg_pool2d(images, 4))
         opt.zero_grad()
         loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"previewer step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
-    return model.eval().requires_grad_(False)
+            print(f"encoder step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    return encoder.eval().requires_grad_(False), previewer.eval().requires_grad_(False)
 
 
 def main(argv=None):
@@ -96,10 +97,8 @@ def main(argv=None):
 
     from stablecascade import checkpoints
     from stablecascade.train import load_config, train
-    from stablecascade.models.effnet import load_nano_encoder
     from stablecascade.train.text import clip_tokenizer, small_text_model
 
-    times = {}
     data = a.work / "data"
     if not (data / "000000.png").exists():
         generate(data, a.count, 64, seed=0)
@@ -107,50 +106,56 @@ def main(argv=None):
 
     parts_dir = a.work / "parts"
     parts_dir.mkdir(exist_ok=True)
-    encoder = load_nano_encoder(seed=0)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(parts_dir / "nano_encoder.safetensors"))
     tokenizer, text_model = clip_tokenizer(), small_text_model(seed=0)
     text_dir = parts_dir / "text_encoder"
     text_model.save_pretrained(str(text_dir))
     tokenizer.save_pretrained(str(parts_dir / "tokenizer"))
 
-    t0 = time.time()
-    stage_a = train_stage_a(data, int(1200 * a.scale), 32, 2e-3)
-    times["stage_a_s"] = round(time.time() - t0, 1)
-    checkpoints.save_official(stage_a, parts_dir / "stage_a.safetensors")
+    # a finished stage is kept when the script runs again (Stage B/C resume from their checkpoints as well), so a
+    # changed recipe retrains only what it touches: delete a stage's output to retrain it
+    times_file = a.work / "times.json"
+    times = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    common = [f"data=[{data}]", f"effnet=nano:{parts_dir / 'nano_encoder.safetensors'}",
-              f"text_encoder={text_dir}", f"tokenizer={parts_dir / 'tokenizer'}"]
+    def timed(name, run):
+        t0 = time.time()
+        result = run()
+        times[name] = round(time.time() - t0, 1)
+        times_file.write_text(json.dumps(times))
+        return result
+
+    encoder_file, previewer_file = parts_dir / "nano_encoder.safetensors", parts_dir / "previewer.safetensors"
+    if not encoder_file.is_file():
+        from safetensors.torch import save_file
+
+        encoder, previewer = timed("encoder_s", lambda: train_encoder(data, int(2000 * a.scale), 64, 2e-3))
+        save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_file))
+        checkpoints.save_official(previewer, previewer_file)
+
+    stage_a_file = parts_dir / "stage_a.safetensors"
+    if not stage_a_file.is_file():
+        checkpoints.save_official(timed("stage_a_s", lambda: train_stage_a(data, int(1200 * a.scale), 32, 2e-3)),
+                                  stage_a_file)
+
+    common = [f"data=[{data}]", f"effnet=nano:{encoder_file}",
+              f"text_encoder={text_dir}", f"tokenizer={parts_dir / 'tokenizer'}", f"stage_a={stage_a_file}"]
     recipes = ROOT / "configs" / "nano"
-    t0 = time.time()
-    cfg_b = load_config(recipes / "stage_b.yaml", common + [f"output_dir={a.work / 'b'}",
-                        f"stage_a={parts_dir / 'stage_a.safetensors'}"], task="b")
+    cfg_b = load_config(recipes / "stage_b.yaml", common + [f"output_dir={a.work / 'b'}"], task="b")
     cfg_b.steps = max(1, int(cfg_b.steps * a.scale))
-    train(cfg_b)
-    times["stage_b_s"] = round(time.time() - t0, 1)
-    t0 = time.time()
+    if not (a.work / "b" / "final").is_dir():
+        timed("stage_b_s", lambda: train(cfg_b))
     cfg_c = load_config(recipes / "stage_c.yaml", common + [f"output_dir={a.work / 'c'}",
-                        f"stage_b={a.work / 'b/final/stage_b_ema.safetensors'}",
-                        f"stage_a={parts_dir / 'stage_a.safetensors'}"], task="c")
+                        f"stage_b={a.work / 'b/final/stage_b_ema.safetensors'}"], task="c")
     cfg_c.steps = max(1, int(cfg_c.steps * a.scale))
-    train(cfg_c)
-    times["stage_c_s"] = round(time.time() - t0, 1)
-
-    t0 = time.time()
-    previewer = train_previewer(data, encoder, int(600 * a.scale), 64, 2e-3)
-    times["previewer_s"] = round(time.time() - t0, 1)
-    checkpoints.save_official(previewer, parts_dir / "previewer.safetensors")
-
-    export(a.work, parts_dir, a.out)
+    if not (a.work / "c" / "final").is_dir():
+        timed("stage_c_s", lambda: train(cfg_c))
+    export(a.work, parts_dir, a.out, cfg_b.noise_shift)
     (a.out / "training.json").write_text(json.dumps({"seconds": times, "images": a.count, "size": 64,
                                                      "stage_b": cfg_b.to_dict(), "stage_c": cfg_c.to_dict()},
                                                     indent=1))
     print("times", times)
 
 
-def export(work: Path, parts_dir: Path, out: Path):
+def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
     import shutil
 
     from stablecascade import checkpoints
@@ -173,7 +178,8 @@ def export(work: Path, parts_dir: Path, out: Path):
     for name in ("nano_encoder.safetensors", "previewer.safetensors"):
         shutil.copy(parts_dir / name, out / name)
     # what load_pipeline("nano", "nano") needs beyond the diffusers-layout folders
-    (out / "model.json").write_text(json.dumps({"native_size": 64, "effnet": "nano_encoder.safetensors",
+    (out / "model.json").write_text(json.dumps({"native_size": 64, "shifts": [2.0, noise_shift_b],
+                                                "effnet": "nano_encoder.safetensors",
                                                 "previewer": "previewer.safetensors"}, indent=1))
 
 

@@ -33,9 +33,10 @@ class EfficientNetEncoder(nn.Module):
 
 
 class NanoEncoder(nn.Module):
-    """The nano model's EfficientNet stand-in: a small, frozen, seeded conv net from RGB in [0, 1] (B,3,H,W) to
-    16-channel latents at ceil(H/32) x ceil(W/32), normalised per position. Random features suffice: it only has to
-    define a Stage C latent space that Stage B can learn to decode, and 64x64 shapes need no ImageNet features."""
+    """The nano model's EfficientNet stand-in: a small conv net from RGB in [0, 1] (B,3,H,W) to 16-channel latents
+    at ceil(H/32) x ceil(W/32), normalised per position. It defines the nano Stage C latent space; 64x64 shapes need
+    no ImageNet features, so it is trained as an autoencoder with the Previewer (scripts/train_nano.py), or left
+    seeded and random for tests."""
 
     def __init__(self, c_latent: int = 16, width: int = 48):
         super().__init__()
