@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..configs import StageAConfig
+from .blocks import Linear, linear
 
 
 class ResBlock(nn.Module):
@@ -16,7 +17,7 @@ class ResBlock(nn.Module):
         self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, 3, groups=c))
         self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
+        self.channelwise = nn.Sequential(Linear(c, c_hidden), nn.GELU(), Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x):
@@ -24,7 +25,8 @@ class ResBlock(nn.Module):
         h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h) * g[2]
         h = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
-        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+        expand, _, project = self.channelwise  # the GELU runs fused into the first projection
+        return x + project(linear(h, expand.weight, expand.bias, "gelu")).permute(0, 3, 1, 2) * g[5]
 
 
 class VectorQuantizer(nn.Module):
