@@ -76,3 +76,48 @@ class StageA(nn.Module):
     def decode(self, latents):
         """Stage B latents -> RGB (unclamped, nominally [0, 1]); no quantization, as in the official code."""
         return self.out_block(self.up_blocks(latents * self.config.scale_factor))
+
+    @property
+    def pixels_per_latent(self) -> int:
+        return 2 ** self.config.levels
+
+    def decode_tiled(self, latents, tile: int = 256, overlap: int = 64):
+        """decode() in overlapping tiles of `tile` latent cells: memory stays that of one tile whatever the image
+        size. Within an overlap each tile's weight is 0 over the quarter next to its edge (where its border padding
+        reaches: the released decoder sees ~14 latent cells around a pixel) and then ramps up linearly, so the
+        blend uses only pixels decoded with their full surroundings."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+        f = self.pixels_per_latent
+        (b, _, h, w), dev = latents.shape, latents.device
+        out = torch.zeros(b, 3, h * f, w * f, device=dev, dtype=torch.float32)
+        total = torch.zeros(1, 1, h * f, w * f, device=dev, dtype=torch.float32)
+        for y in _tile_starts(h, tile, overlap):
+            for x in _tile_starts(w, tile, overlap):
+                th, tw = min(tile, h - y), min(tile, w - x)
+                image = self.decode(latents[..., y:y + th, x:x + tw]).float()
+                weight = (_ramp(th * f, overlap * f, y > 0, y + th < h, dev)[:, None]
+                          * _ramp(tw * f, overlap * f, x > 0, x + tw < w, dev)[None, :])
+                out[..., y * f:(y + th) * f, x * f:(x + tw) * f] += image * weight
+                total[..., y * f:(y + th) * f, x * f:(x + tw) * f] += weight
+        return (out / total).to(latents.dtype)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap))
+    return starts + [n - tile]
+
+
+def _ramp(n: int, length: int, rise: bool, fall: bool, device) -> torch.Tensor:
+    """Blend weights along one tile side of n pixels: at a side shared with a neighbour, 0 over the first quarter
+    of the `length`-pixel overlap, then rising linearly to 1 at its three quarters; flat 1 elsewhere."""
+    weight = torch.ones(n, device=device)
+    margin = length // 4
+    ramp = ((torch.arange(min(length, n), device=device) + 0.5 - margin) / max(length - 2 * margin, 1)).clamp(0, 1)
+    if rise:
+        weight[: len(ramp)] = torch.minimum(weight[: len(ramp)], ramp)
+    if fall:
+        weight[n - len(ramp):] = torch.minimum(weight[n - len(ramp):], ramp.flip(0))
+    return weight
