@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -55,11 +54,6 @@ def analyse(image: np.ndarray) -> dict:
     return out
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a.float() - b.float()) ** 2).mean().item()
-    return 10 * math.log10(1.0 / max(mse, 1e-10))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=ROOT / "src/stablecascade/assets/nano")
@@ -71,7 +65,8 @@ def main(argv=None):
     import random
 
     import stablecascade
-    from stablecascade.train.nano import load_nano_encoder
+    from stablecascade.images import psnr
+    from stablecascade.models.effnet import load_nano_encoder
     from stablecascade.train.trainer import decode_b
 
     pipe = stablecascade.load_pipeline(a.model / "prior", a.model / "decoder", device="cpu", dtype=torch.float32)

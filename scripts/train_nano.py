@@ -1,6 +1,7 @@
 """Train the nano Stable Cascade (all three stages on tiny configs, 64 px shapes) and export it in the layout
 `load_pipeline` reads: OUT/prior/{prior,text_encoder,tokenizer} and OUT/decoder/{decoder,vqgan}, plus the
-NanoEncoder that defined the Stage C latent space (OUT/nano_encoder.safetensors).
+NanoEncoder that defined the Stage C latent space (OUT/nano_encoder.safetensors), a small Previewer
+(OUT/previewer.safetensors) and OUT/model.json, which tells `load_pipeline` about them and the native size.
 
     python scripts/train_nano.py --work runs/nano --out src/stablecascade/assets/nano [--scale 1.0]
 
@@ -10,6 +11,7 @@ The recipe (configs/nano/*.yaml) is the source of the Stage B and Stage C settin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -44,6 +46,40 @@ def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
         opt.step()
         if step % 100 == 0 or step == steps - 1:
             print(f"stage A step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    model.eval().requires_grad_(False)
+    # Stage B diffuses encode()'s output, which divides by scale_factor: pick it so that output has unit std
+    with torch.no_grad():
+        images, _ = D.load_batch(source, next(sampler), slice(None), {})
+        spread = (model.encode(images) * model.config.scale_factor).std().item()
+    model.config = dataclasses.replace(model.config, scale_factor=round(spread, 4))
+    return model
+
+
+def train_previewer(data: Path, encoder, steps: int, batch: int, lr: float, seed: int = 0):
+    """A small Previewer (Stage C latent -> RGB at 8x) for live previews, fitted to the encoder's latents of the
+    training images against the images downscaled to the preview size."""
+    import torch.nn.functional as F
+
+    from stablecascade import configs
+    from stablecascade.models import Previewer
+    from stablecascade.train import data as D
+
+    torch.manual_seed(seed)
+    model = Previewer(configs.PreviewerConfig(c_hidden=64)).train()
+    source = D.ImageSource(D.index_sources([str(data)]))
+    sampler = D.Sampler(source, batch, [(64, 64)], seed=seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        images, _ = D.load_batch(source, next(sampler), slice(None), {})
+        with torch.no_grad():
+            latents = encoder(images)
+            target = F.interpolate(images, scale_factor=latents.shape[-1] * 8 / images.shape[-1], mode="area")
+        loss = F.mse_loss(model(latents), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"previewer step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
     return model.eval().requires_grad_(False)
 
 
@@ -60,7 +96,7 @@ def main(argv=None):
 
     from stablecascade import checkpoints
     from stablecascade.train import load_config, train
-    from stablecascade.train.nano import load_nano_encoder
+    from stablecascade.models.effnet import load_nano_encoder
     from stablecascade.train.text import clip_tokenizer, small_text_model
 
     times = {}
@@ -81,7 +117,7 @@ def main(argv=None):
     tokenizer.save_pretrained(str(parts_dir / "tokenizer"))
 
     t0 = time.time()
-    stage_a = train_stage_a(data, int(800 * a.scale), 32, 2e-3)
+    stage_a = train_stage_a(data, int(1200 * a.scale), 32, 2e-3)
     times["stage_a_s"] = round(time.time() - t0, 1)
     checkpoints.save_official(stage_a, parts_dir / "stage_a.safetensors")
 
@@ -101,6 +137,11 @@ def main(argv=None):
     cfg_c.steps = max(1, int(cfg_c.steps * a.scale))
     train(cfg_c)
     times["stage_c_s"] = round(time.time() - t0, 1)
+
+    t0 = time.time()
+    previewer = train_previewer(data, encoder, int(600 * a.scale), 64, 2e-3)
+    times["previewer_s"] = round(time.time() - t0, 1)
+    checkpoints.save_official(previewer, parts_dir / "previewer.safetensors")
 
     export(a.work, parts_dir, a.out)
     (a.out / "training.json").write_text(json.dumps({"seconds": times, "images": a.count, "size": 64,
@@ -129,7 +170,11 @@ def export(work: Path, parts_dir: Path, out: Path):
     te.save_pretrained(str(out / "prior" / "text_encoder"))
     shutil.rmtree(out / "prior" / "tokenizer", ignore_errors=True)
     shutil.copytree(parts_dir / "tokenizer", out / "prior" / "tokenizer")
-    shutil.copy(parts_dir / "nano_encoder.safetensors", out / "nano_encoder.safetensors")
+    for name in ("nano_encoder.safetensors", "previewer.safetensors"):
+        shutil.copy(parts_dir / name, out / name)
+    # what load_pipeline("nano", "nano") needs beyond the diffusers-layout folders
+    (out / "model.json").write_text(json.dumps({"native_size": 64, "effnet": "nano_encoder.safetensors",
+                                                "previewer": "previewer.safetensors"}, indent=1))
 
 
 if __name__ == "__main__":

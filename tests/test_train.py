@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from stablecascade import checkpoints, configs
+from stablecascade.cli import main as stablecascade_cli
 from stablecascade.models import StageC
 from stablecascade.train import ConfigError, cli_main, load_config, train
 from stablecascade.train import data as data_mod
@@ -56,6 +57,7 @@ def test_config_rejects_unknown_keys(tmp_path):
     with pytest.raises(ConfigError, match="target"):
         load_config(None, ["target=x0"])
     assert cli_main(["c", "--config", str(f)]) == 2
+    assert stablecascade_cli(["train", "c", "--config", str(f)]) == 2  # the same through `stablecascade train`
 
 
 def test_config_yaml_and_overrides(tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .errors import InputError, StableCascadeError
-from .hub import DECODER_REPO, PRIOR_REPO
+from .hub import DECODER_REPO, NANO, PRIOR_REPO
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ENV_PRIOR, ENV_DECODER = "STABLECASCADE_PRIOR", "STABLECASCADE_DECODER"
@@ -19,12 +19,14 @@ ENV_PRIOR, ENV_DECODER = "STABLECASCADE_PRIOR", "STABLECASCADE_DECODER"
 
 def _model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
-    g.add_argument("--prior", default=os.environ.get(ENV_PRIOR, PRIOR_REPO), metavar="PATH_OR_ID",
-                   help="Stage C: a diffusers prior folder, a Hub repo id, or an official file such as "
-                        f"stage_c_bf16.safetensors (default: ${ENV_PRIOR} or {PRIOR_REPO})")
-    g.add_argument("--decoder", default=os.environ.get(ENV_DECODER, DECODER_REPO), metavar="PATH_OR_ID",
-                   help="Stage B (+ Stage A): a diffusers decoder folder, a Hub repo id, or an official file such as "
-                        f"stage_b_bf16.safetensors (default: ${ENV_DECODER} or {DECODER_REPO})")
+    g.add_argument("--prior", default=os.environ.get(ENV_PRIOR, NANO), metavar="PATH_OR_ID",
+                   help=f"Stage C: a diffusers prior folder, a Hub repo id (the released one is {PRIOR_REPO}), or "
+                        f"an official file such as stage_c_bf16.safetensors (default: ${ENV_PRIOR}, else the "
+                        f"built-in '{NANO}' model: 64x64 coloured shapes, offline, for trying things out)")
+    g.add_argument("--decoder", default=os.environ.get(ENV_DECODER, NANO), metavar="PATH_OR_ID",
+                   help=f"Stage B (+ Stage A): a diffusers decoder folder, a Hub repo id (the released one is "
+                        f"{DECODER_REPO}), or an official file such as stage_b_bf16.safetensors (default: "
+                        f"${ENV_DECODER}, else the built-in '{NANO}' model)")
     g.add_argument("--stage-a", metavar="FILE", help="Stage A file (stage_a.safetensors) when --decoder is an "
                                                      "official Stage B file (default: fetched from the Hub)")
     g.add_argument("--text-encoder", metavar="DIR", help="CLIP text encoder folder (transformers layout) when "
@@ -48,12 +50,13 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                         "'sequential' one block at a time (for ~8 GB cards; slow) (default: all on the device)")
 
 
-def _sampling_options(p: argparse.ArgumentParser, size_default: Optional[int], prior: bool = True) -> None:
+def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: bool = True) -> None:
     g = p.add_argument_group("sampling")
-    size_help = f"(default {size_default})" if size_default else "(default: from the input image)"
+    size_help = "(default: the model's native size, 1024 for the released models, 64 for nano)" if native_default \
+        else "(default: from the input image)"
     g.add_argument("--negative", default="", help="what to steer away from (default: empty)")
-    g.add_argument("--width", type=int, default=size_default, help=f"image width in pixels, a multiple of 8 {size_help}")
-    g.add_argument("--height", type=int, default=size_default,
+    g.add_argument("--width", type=int, help=f"image width in pixels, a multiple of 8 {size_help}")
+    g.add_argument("--height", type=int,
                    help=f"image height in pixels, a multiple of 8 {size_help}")
     if prior:
         g.add_argument("--steps", type=int, default=20, help="Stage C (prior) sampling steps (default 20)")
@@ -252,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text-to-image", description="Generate images from a text prompt. "
                        "Each PNG carries its generation parameters in its text metadata.")
     g.add_argument("prompt", help="what to draw")
-    _sampling_options(g, 1024)
+    _sampling_options(g, True)
     _model_options(g)
     g.set_defaults(run=_generate)
 
@@ -261,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("images", nargs="+", type=Path, help="input images")
     v.add_argument("--prompt", default="", help="optional text to steer the variation")
     v.add_argument("--weights", type=float, nargs="+", help="one weight per image for mixing (default 1 each)")
-    _sampling_options(v, 1024)
+    _sampling_options(v, True)
     _model_options(v)
     v.set_defaults(run=_variation)
 
@@ -271,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("prompt", help="what to draw")
     i.add_argument("--strength", type=float, default=0.8,
                    help="0 keeps the input, 1 ignores it (default 0.8, the official example)")
-    _sampling_options(i, None)
+    _sampling_options(i, False)
     _model_options(i)
     i.set_defaults(run=_img2img)
 
@@ -293,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--control-strength", type=float, default=1.0,
                    help="multiplier of the ControlNet's features (default 1; 0.8 or 0.3 loosen the control)")
     c.add_argument("--controlnet", type=Path, help="ControlNet weights (default: the released file from the Hub)")
-    _sampling_options(c, None)
+    _sampling_options(c, False)
     _model_options(c)
     c.set_defaults(run=_controlnet)
 
@@ -302,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Stage B and Stage A; prints the PSNR of each reconstruction.")
     r.add_argument("images", nargs="+", type=Path, help="input images")
     r.add_argument("--prompt", default="", help="optional caption given to Stage B")
-    _sampling_options(r, None, prior=False)
+    _sampling_options(r, False, prior=False)
     _model_options(r)
     r.set_defaults(run=_reconstruct)
 
@@ -327,6 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cache, offline mode and checksums.")
     download.add_arguments(d)
     d.set_defaults(run=_download)
+
+    from . import train
+
+    t = sub.add_parser("train", help="finetune Stage C or Stage B, train a LoRA or a ControlNet",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(t)
+    t.set_defaults(run=train.run)
     return parser
 
 

@@ -96,7 +96,7 @@ def _stage_c(c, nhead, blocks, **kw) -> StageCConfig:
     return StageCConfig(
         c_in=16, c_out=16, c_r=64, patch_size=1, c_cond=kw.pop("c_cond", c), c_hidden=(c, c), nhead=(nhead, nhead),
         blocks=blocks, block_repeat=((1, 1), (1, 1)), level_config=("CTA", "CTA"), t_conds=("sca", "crp"),
-        dropout=(0.1, 0.1), **kw,
+        dropout=kw.pop("dropout", (0.1, 0.1)), **kw,
     )
 
 
@@ -111,6 +111,8 @@ def _stage_b(c_hidden, nhead, blocks, block_repeat, **kw) -> StageBConfig:
 STAGE_C = {
     "3b": _stage_c(2048, 32, ((8, 24), (24, 8))),  # 3.6B parameters
     "1b": _stage_c(1536, 24, ((4, 12), (12, 4))),  # "lite"
+    "nano": _stage_c(128, 4, ((2, 2), (2, 2)), c_cond=64, c_clip_text=32, c_clip_text_pooled=32, c_clip_img=24,
+                     dropout=(0.0, 0.0)),  # the built-in model (scripts/train_nano.py)
     "tiny": _stage_c(64, 2, ((1, 2), (2, 1)), c_cond=32, c_clip_text=32, c_clip_text_pooled=32, c_clip_img=24),
 }
 
@@ -119,6 +121,8 @@ STAGE_B = {
                    ((1, 1, 1, 1), (3, 3, 2, 2))),  # 1.5B parameters (the official config calls it 3B)
     "700m": _stage_b((320, 576, 1152, 1152), (-1, 9, 18, 18), ((2, 4, 14, 4), (4, 14, 4, 2)),
                      ((1, 1, 1, 1), (2, 2, 2, 2))),
+    "nano": _stage_b((32, 64, 128, 128), (-1, -1, 4, 4), ((1, 1, 2, 1), (1, 2, 1, 1)), ((1, 1, 1, 1), (2, 2, 1, 1)),
+                     c_cond=64, c_clip=32, dropout=(0.0, 0.0, 0.0, 0.0)),
     "tiny": _stage_b((16, 32, 48, 48), (-1, -1, 2, 2), ((1, 1, 1, 1), (1, 1, 1, 1)), ((1, 1, 1, 1), (3, 3, 2, 2)),
                      c_cond=48, c_clip=32),
 }

@@ -8,6 +8,7 @@ Stage C latent, then Stage A decoding).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import secrets
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 COMPRESSION = 42.67  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
 STAGE_A_FACTOR = 4  # image pixels per Stage B latent cell
 EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
+RELEASED_CLIP_IMG = 768  # embedding width of the released CLIP ViT-L image encoder
 SAMPLING_DEFAULTS = {  # per mode: (Stage C shift, Stage B shift, cfg_rho); official values from the notebooks
     "official": (2.0, 1.0, 0.7),
     "diffusers": (1.0, 1.0, 0.0),
@@ -45,6 +47,7 @@ CONTROLNET_FILES = {  # released ControlNets in the Hub repo; the face identity 
 }
 CONTROL_KINDS = {"canny": "canny", "inpaint": "inpaint", "face": "identity", "sr": "sr"}  # CLI name -> config name
 TILED_DECODE_AREA = 2048 * 2048  # Stage A decodes larger images in tiles (unless told otherwise)
+NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by scripts/train_nano.py
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 PreviewCallback = Callable[[int, torch.Tensor], None]
@@ -86,13 +89,15 @@ class _Run:
 class StableCascadePipeline:
     def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
-                 previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None):
+                 previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
+                 native_size: int = 1024):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
-        least device memory, the slowest). The small optional parts stay on `device`."""
+        least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
+        prior was trained at, the default width and height."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
-        self.device, self.dtype, self.offload = torch.device(device), dtype, offload
+        self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
         for part in self._offloaded_parts():
             if offload == "model":
                 offload_module.move(part, "cpu")
@@ -141,6 +146,10 @@ class StableCascadePipeline:
     @property
     def image_encoder(self) -> ImageEncoder:
         """The CLIP image encoder of image variation, loaded on first use."""
+        if self._image_encoder is None and self.stage_c.config.c_clip_img != RELEASED_CLIP_IMG:
+            raise CheckpointError(f"image variation needs a CLIP image encoder with {self.stage_c.config.c_clip_img}-"
+                                  "wide embeddings for this Stage C, and none was given (the released one only fits "
+                                  "the released Stage C; the nano model has none)")
         if not isinstance(self._image_encoder, ImageEncoder):
             path = self._image_encoder or hub.snapshot(hub.PRIOR_REPO, ("image_encoder",)) / "image_encoder"
             self._image_encoder = _load_image_encoder(path, self.dtype, self.device)
@@ -295,8 +304,8 @@ class StableCascadePipeline:
         self,
         prompt: Union[str, Sequence[str]],
         negative_prompt: Union[str, Sequence[str]] = "",
-        width: int = 1024,
-        height: int = 1024,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
         num_images_per_prompt: int = 1,
         prior_steps: int = 20,
         prior_guidance: float = 4.0,
@@ -313,6 +322,7 @@ class StableCascadePipeline:
     ):
         """Text-to-image. Returns a list of PIL images (each with its parameters in `.info["parameters"]`), or with
         `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent.
+        `width`/`height` default to the model's native size (1024 for the released models, 64 for nano).
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
         more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
@@ -501,7 +511,7 @@ class StableCascadePipeline:
         return {} if self._loras is None else dict(self._loras.scales)
 
     # --------------------------------------------------------------------------------------- validation
-    def _settings(self, prompt, negative_prompt="", width=1024, height=1024, num_images_per_prompt=1,
+    def _settings(self, prompt, negative_prompt="", width=None, height=None, num_images_per_prompt=1,
                   prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0, seed=None,
                   generator=None, sampling="official", output_type="pil", progress=True, compression=COMPRESSION,
                   preview_callback=None, tiled_decode=None) -> _Run:
@@ -512,6 +522,8 @@ class StableCascadePipeline:
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise InputError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
                              "(one per prompt)")
+        width = self.native_size if width is None else width
+        height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):
             if not isinstance(v, int) or v <= 0 or v % 8:
                 near = max(8, round(v / 8) * 8) if isinstance(v, (int, float)) and v > 0 else 1024
@@ -665,25 +677,39 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
-                  effnet: Optional[Union[str, Path]] = None, previewer: Optional[Union[str, Path]] = None,
+                  effnet: Union[str, Path, torch.nn.Module, None] = None,
+                  previewer: Union[str, Path, torch.nn.Module, None] = None,
                   offload: Optional[str] = None) -> StableCascadePipeline:
     """Load Stage C (+ text encoder) from `prior` and Stage B + Stage A from `decoder`.
 
     Each may be a diffusers-layout pipeline folder, a Hub repo id, a single official .safetensors file, or a
     mapping of components to paths: prior {"stage_c", "text_encoder", "tokenizer", "image_encoder"}, decoder
     {"stage_b", "stage_a"} (official files or diffusers model folders). `effnet` and `previewer` are official
-    files (default: the released ones from the Hub, fetched when first needed). Stage A, the EfficientNet encoder
-    and the Previewer run in float32 (they are small).
+    files or loaded modules (default: the released ones from the Hub, fetched when first needed). Stage A, the
+    EfficientNet encoder and the Previewer run in float32 (they are small).
 
     dtype=torch.float16 rescales Stage C's last block group so its activations fit float16 (same function, see
     `StageC.rescale_for_fp16`); a stage that still overflows warns and finishes in float32. `offload` ("model" or
-    "sequential") keeps the big parts in CPU memory, see `StableCascadePipeline`."""
+    "sequential") keeps the big parts in CPU memory, see `StableCascadePipeline`.
+
+    "nano" (for both) is the built-in model: a tiny cascade trained on 64x64 coloured shapes ("a red circle at
+    the top left on a blue background") that runs offline in a second; its own encoder and Previewer come with it."""
     offload_module.check_mode(offload)
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     load_device = torch.device("cpu") if offload else device
+    native_size = 1024
+    if str(prior) == hub.NANO:
+        from .models.effnet import load_nano_encoder
+
+        manifest = json.loads((NANO_DIR / "model.json").read_text())
+        prior, native_size = NANO_DIR / "prior", manifest["native_size"]
+        effnet = effnet or load_nano_encoder(NANO_DIR / manifest["effnet"], device=device)
+        previewer = previewer or NANO_DIR / manifest["previewer"]
+    if str(decoder) == hub.NANO:
+        decoder = NANO_DIR / "decoder"
     variant = "bf16" if dtype == torch.bfloat16 else None
     prior_parts, decoder_parts = _resolve(prior, "prior", variant), _resolve(decoder, "decoder", variant)
     for role, parts, key in (("prior", prior_parts, "stage_c"), ("decoder", decoder_parts, "stage_b")):
@@ -701,5 +727,10 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     text_encoder = _load_text_encoder(text_parts, dtype, load_device)
     return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
                                  image_encoder=prior_parts.get("image_encoder"),
-                                 effnet=Path(effnet) if effnet else None,
-                                 previewer=Path(previewer) if previewer else None, offload=offload)
+                                 effnet=_part(effnet), previewer=_part(previewer), offload=offload,
+                                 native_size=native_size)
+
+
+def _part(value):
+    """An optional part as the pipeline holds it: a loaded module, a path to load on first use, or None."""
+    return value if value is None or isinstance(value, torch.nn.Module) else Path(value)

@@ -455,8 +455,8 @@ def schemas():
         model_config = ConfigDict(extra="forbid")
         negative_prompt: str = Field("", max_length=MAX_PROMPT, description="what to steer away from")
         width: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8,
-                                description="output width in pixels, a multiple of 8 (default 1024, or from the "
-                                            "input image)")
+                                description="output width in pixels, a multiple of 8 (default: the model's native "
+                                            "size, 1024 for the released models, or from the input image)")
         height: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8, description="output height, like width")
         num_images_per_prompt: int = Field(1, ge=1, le=8)
         prior_steps: int = Field(20, ge=1, le=200, description="Stage C sampling steps")
@@ -686,9 +686,10 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             out.append((path, ref.scale))
         return out
 
-    def common(body, exclude: set, default_size=(1024, 1024)) -> tuple:
+    def common(body, exclude: set, default_size=None) -> tuple:
         """Pipeline keyword arguments, the JSON summary and the job options of a request. `default_size`: the
-        output size when the request gives none (1024x1024, or from the input image)."""
+        output size when the request gives none (default: the model's native size)."""
+        default_size = default_size or (pipe.native_size, pipe.native_size)
         options = body.model_dump(exclude=exclude | {"previews", "timeout", "loras"})
         options = {k: v for k, v in options.items() if not (k in ("width", "height", "seed") and v is None)}
         for side in ("width", "height"):

@@ -1,7 +1,7 @@
 """`stablecascade ui`: a Gradio app over one shared pipeline (a thin shell: parsing and presenting only).
 
 Tabs for text-to-image, image variation, image-to-image, ControlNet and LoRA, each with its advanced settings
-(defaults of the official Gradio app: seed 0 randomised, 1024x1024, prior 20 steps at guidance 4, decoder 10 steps
+(defaults of the official Gradio app: seed 0 randomised, the model's native size, prior 20 steps at guidance 4, decoder 10 steps
 at guidance 0). Jobs go to the same `server.Worker` the HTTP API uses, so one model serves every user: Gradio's
 queue holds users in line (one generation at a time) and the worker owns the GPU. While Stage C runs, the
 Previewer's picture of the current estimate is streamed; finished images land in a gallery (newest first, captions
@@ -24,7 +24,7 @@ from .server import QueueFull, Worker, model_parameters
 
 MAX_SEED = 2**31 - 1
 DEFAULTS = {  # the official app's (official-spec.md §5.7), decoder guidance unlocked
-    "width": 1024, "height": 1024, "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
+    "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
     "decoder_guidance": 0.0, "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
@@ -81,7 +81,8 @@ class WebUI:
         self.worker = worker
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="stablecascade-ui-"))
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        self.defaults = {**DEFAULTS, **(defaults or {})}
+        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size}
+        self.defaults = {**DEFAULTS, **native, **(defaults or {})}
         self.title = title
         self._session_jobs: dict = {}
         self._lock = threading.Lock()

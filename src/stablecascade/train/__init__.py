@@ -2,7 +2,8 @@
 
     stablecascade train c|b|lora|controlnet --config FILE.yaml [--set key=value ...]
 
-The same command under `torchrun --nproc-per-node N` trains with torch.distributed (DDP; `use_fsdp: true` for FSDP).
+Under `torchrun --nproc-per-node N -m stablecascade.train ...` it trains with torch.distributed (DDP; `use_fsdp: true`
+for FSDP).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional, Sequence
 
 from .config import TASKS, ConfigError, TrainConfig, load_config
 
-__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "cli_main", "build_parser"]
+__all__ = ["TrainConfig", "ConfigError", "load_config", "train", "cli_main", "add_arguments", "run"]
 
 
 def train(cfg: TrainConfig, parts: Optional[dict] = None):
@@ -29,22 +30,18 @@ def train(cfg: TrainConfig, parts: Optional[dict] = None):
     return trainer
 
 
-def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(prog="stablecascade train", description=__doc__,
-                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS, help="c: Stage C finetune; b: Stage B finetune; lora: Stage C LoRA "
                         "(+ new tokens); controlnet: Stage C ControlNet")
     parser.add_argument("--config", "-c", help="training recipe (YAML); see configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value read as YAML); repeatable")
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
-    return parser
 
 
-def cli_main(argv: Optional[Sequence[str]] = None) -> int:
-    """`stablecascade train ...`; returns the exit status (2 for configuration errors, with one clear message)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+def run(args: argparse.Namespace) -> int:
+    """Train from parsed arguments; returns the exit status (2 for configuration errors, with one clear message)."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s", force=True)
     try:
         cfg = load_config(args.config, args.overrides, task=args.task)
     except ConfigError as e:
@@ -58,6 +55,14 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
     if trainer.dist.main:
         print(f"trained {cfg.task} for {trainer.step} steps; outputs in {cfg.output_dir}/final")
     return 0
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m stablecascade.train ...` (what torchrun runs), the same as `stablecascade train ...`."""
+    parser = argparse.ArgumentParser(prog="stablecascade train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":  # python -m stablecascade.train ...

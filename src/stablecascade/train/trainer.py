@@ -97,7 +97,7 @@ def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
     if spec is None:
         return None
     if spec.startswith("nano"):
-        from .nano import load_nano_encoder
+        from ..models.effnet import load_nano_encoder
 
         return load_nano_encoder(None if spec == "nano" else spec.split(":", 1)[1])
     return checkpoints.load_official(spec, "effnet", dtype=torch.float32)
