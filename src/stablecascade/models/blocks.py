@@ -14,7 +14,9 @@ from torch import nn
 
 from ..configs import UNetConfig
 
-_ONEDNN = torch.backends.mkldnn.is_available()
+# oneDNN's fused linear (an internal op that PyTorch's own compiler emits): checked for, as older or unusual builds
+# may lack it
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 def linear(x, weight, bias=None, activation: str = "none"):
@@ -22,8 +24,8 @@ def linear(x, weight, bias=None, activation: str = "none"):
 
     PyTorch sends float32 CPU matmuls to MKL's sgemm, which oneDNN beats 2x or more on AVX-512 CPUs (measured on
     AMD EPYC, bench/RESULTS.md) with the same result up to float rounding; oneDNN also applies the GELU in the same
-    pass. Training (autograd), other devices and float16 (no oneDNN kernel on most CPUs) keep the stock path."""
-    if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16)
+    pass. Training (autograd), other devices and other dtypes (measured only in float32) keep the stock path."""
+    if (_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
             and not torch.is_grad_enabled()):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, activation, [], "none" if activation == "gelu" else "")
     out = F.linear(x, weight, bias)
