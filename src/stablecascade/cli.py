@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 from .errors import InputError, StableCascadeError
 from .hub import DECODER_REPO, NANO, PRIOR_REPO
 
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ENV_PRIOR, ENV_DECODER = "STABLECASCADE_PRIOR", "STABLECASCADE_DECODER"
 
 
@@ -43,8 +43,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    help="a trained token of an official LoRA file and the vocabulary regex its embedding starts "
                         "from, e.g. '[fernando]=^dog</w>' (official files do not store them)")
     g.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available)")
-    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute precision "
-                                                           "(default: bf16 on GPUs that support it, else fp32)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), help="weights and compute precision; fp16 is for GPUs without "
+                                                           "bf16 (default: bf16 on GPUs that support it, else fp32)")
+    g.add_argument("--offload", choices=["model", "sequential"],
+                   help="keep the models in CPU memory: 'model' moves each stage to the GPU for its turn, "
+                        "'sequential' one block at a time (for ~8 GB cards; slow) (default: all on the device)")
 
 
 def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: bool = True) -> None:
@@ -106,7 +109,7 @@ def _load(args):
     dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype else None
     started = time.perf_counter()
     pipe = load_pipeline(prior, decoder, device=args.device, dtype=dtype, effnet=args.effnet,
-                         previewer=args.previewer)
+                         previewer=args.previewer, offload=args.offload)
     tokens = [tuple(t.split("=", 1)) if "=" in t else (t, None) for t in args.lora_token]
     for spec in args.lora:
         path, scale = _lora_spec(spec)

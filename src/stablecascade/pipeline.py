@@ -7,10 +7,12 @@ Stage C latent, then Stage A decoding).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import secrets
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Optional, Sequence, Union
@@ -19,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, diffusion, hub
+from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
 from .images import load_image, resize, to_pil
@@ -43,6 +46,7 @@ CONTROLNET_FILES = {  # released ControlNets in the Hub repo; the face identity 
     "sr": "controlnet/super_resolution.safetensors",
 }
 CONTROL_KINDS = {"canny": "canny", "inpaint": "inpaint", "face": "identity", "sr": "sr"}  # CLI name -> config name
+TILED_DECODE_AREA = 2048 * 2048  # Stage A decodes larger images in tiles (unless told otherwise)
 NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by scripts/train_nano.py
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
@@ -75,6 +79,7 @@ class _Run:
     progress: bool
     compression: float
     preview_callback: Optional[PreviewCallback]
+    tiled_decode: Optional[bool]
 
     @property
     def batch(self) -> int:
@@ -84,12 +89,22 @@ class _Run:
 class StableCascadePipeline:
     def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
-                 previewer: Union[torch.nn.Module, Path, None] = None, native_size: int = 1024,
-                 official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2]):
+                 previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
+                 native_size: int = 1024, official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2]):
+        """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
+        in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
+        least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
+        prior was trained at, the default width and height; `official_shifts`: the (Stage C, Stage B) schedule
+        shifts the models were made for, used by the official sampler."""
+        offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
-        self.device, self.dtype = torch.device(device), dtype
-        self.native_size = native_size  # the side the prior was trained at: the default width and height
-        self.official_shifts = official_shifts  # (Stage C, Stage B) schedule shifts the models were made for
+        self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
+        self.official_shifts = official_shifts
+        for part in self._offloaded_parts():
+            if offload == "model":
+                offload_module.move(part, "cpu")
+            elif offload == "sequential":
+                offload_module.sequential(part, self.device)
         # optional parts: loaded objects, or paths loaded on first use (None: the released files from the Hub)
         self._image_encoder, self._effnet, self._previewer = image_encoder, effnet, previewer
         self._controlnets: dict = {}
@@ -156,15 +171,48 @@ class StableCascadePipeline:
         cfg = self.stage_b.config
         return STAGE_A_FACTOR * cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
 
+    # ---------------------------------------------------------------------------------------- offload
+    def _offloaded_parts(self) -> list:
+        return [self.text_encoder.model, self.stage_c, self.stage_b, self.stage_a]
+
+    def _running(self, part: torch.nn.Module):
+        """Model offload: `part` on the device while the block runs; other modes have it there already."""
+        if self.offload == "model":
+            return offload_module.running(part, self.device)
+        return contextlib.nullcontext(part)
+
+    def _text(self, prompts: list, n: int):
+        """CLIP hidden states and pooled embeddings of the prompts, each repeated n times."""
+        with self._running(self.text_encoder.model):
+            return tuple(t.to(self.device).repeat_interleave(n, 0) for t in self.text_encoder(prompts))
+
     # ------------------------------------------------------------------------------------------- steps
     def _denoiser(self, model, cond: dict, uncond: Optional[dict], guidance: float, rho: float):
-        """ε(x, r) of a stage with classifier-free guidance batched into one model call (active when > 1)."""
+        """ε(x, r) of a stage: classifier-free guidance batched into one model call (active when > 1), the condition
+        projected once for all steps (`precompute`), and float16 overflow caught: a non-finite prediction is
+        computed again in float32 and the stage stays in float32 for the rest of the run (see `_keeping_dtype`)
+        instead of ending in a black image."""
+        guided = uncond is not None and guidance > 1
+        raw = {k: _concat(cond[k], uncond[k]) for k in cond} if guided else dict(cond)
+        inputs = [model.precompute(raw)]
+
+        def predict(x, r):
+            if guided:
+                x, r = torch.cat([x, x]), torch.cat([r, r])
+            return model(x.to(model.dtype), r.to(model.dtype), **inputs[0]).float()
 
         def denoise(x, r):
-            if uncond is None or guidance <= 1:
-                return model(x.to(self.dtype), r.to(self.dtype), **cond).float()
-            both = {k: _concat(cond[k], uncond[k]) for k in cond}
-            pred = model(torch.cat([x, x]).to(self.dtype), torch.cat([r, r]).to(self.dtype), **both).float()
+            pred = predict(x, r)
+            if model.dtype == torch.float16 and not torch.isfinite(pred).all():
+                name = "Stage C" if model is self.stage_c else "Stage B"
+                warnings.warn(f"{name} overflowed in float16 (its prediction has inf/NaN values); finishing its "
+                              "sampling in float32, which needs twice its weight memory. Use dtype=torch.bfloat16 "
+                              "(--dtype bf16) or float32 to avoid this.", RuntimeWarning, stacklevel=2)
+                model.float()
+                inputs[0] = model.precompute(_cast(raw, torch.float32))
+                pred = predict(x, r)
+            if not guided:
+                return pred
             pred_cond, pred_uncond = pred.chunk(2)
             return diffusion.guidance(pred_cond, pred_uncond, guidance, rho)
 
@@ -194,8 +242,8 @@ class StableCascadePipeline:
         from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
         ControlNet's output for one image, given to both CFG halves as in the official code."""
         shift, _, rho = self._schedule(run.sampling)
-        text, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
-        neg_text, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
+        text, pooled = self._text(run.prompts, run.n)
+        neg_text, neg_pooled = self._text(run.negatives, run.n)
         no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
         image = no_image if clip_img is None else clip_img.to(self.device, self.dtype).expand(run.batch, -1, -1)
         cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=image)
@@ -217,8 +265,10 @@ class StableCascadePipeline:
 
         on_step = None if run.preview_callback is None else self._previews(run.preview_callback)
 
-        denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
-        latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0), on_step=on_step)
+        with self._running(self.stage_c), _keeping_dtype(self.stage_c):
+            denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
+            latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0),
+                                   on_step=on_step)
         return latents, pooled, neg_pooled
 
     def _previews(self, callback: PreviewCallback):
@@ -233,9 +283,14 @@ class StableCascadePipeline:
         uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
         _, (hb, wb) = latent_sizes(run.height, run.width, run.compression)
         x = self._noise((run.batch, self.stage_b.config.c_out, hb, wb), run)
-        denoise = self._denoiser(self.stage_b, cond, uncond, run.decoder_guidance, rho)
-        latents_b = self._sample("Stage B", denoise, x, run.decoder_steps, shift, run)
-        return self.stage_a.decode(latents_b.to(self.stage_a_dtype)).float().clamp(0, 1)
+        with self._running(self.stage_b), _keeping_dtype(self.stage_b):
+            denoise = self._denoiser(self.stage_b, cond, uncond, run.decoder_guidance, rho)
+            latents_b = self._sample("Stage B", denoise, x, run.decoder_steps, shift, run)
+        tiled = run.tiled_decode if run.tiled_decode is not None else run.width * run.height > TILED_DECODE_AREA
+        with self._running(self.stage_a):
+            latents_b = latents_b.to(self.stage_a_dtype)
+            images = self.stage_a.decode_tiled(latents_b) if tiled else self.stage_a.decode(latents_b)
+        return images.float().clamp(0, 1)
 
     def _output(self, images: torch.Tensor, run: _Run, mode: str, **extra):
         if run.output_type == "pt":
@@ -270,6 +325,7 @@ class StableCascadePipeline:
         progress: bool = True,
         compression: float = COMPRESSION,
         preview_callback: Optional[PreviewCallback] = None,
+        tiled_decode: Optional[bool] = None,
     ):
         """Text-to-image. Returns a list of PIL images (each with its parameters in `.info["parameters"]`), or with
         `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent.
@@ -277,7 +333,8 @@ class StableCascadePipeline:
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
         more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
-        of the current Stage C estimate after every Stage C step."""
+        of the current Stage C estimate after every Stage C step. `tiled_decode` makes Stage A decode in tiles
+        (bounded memory); None does so above 2048x2048 pixels."""
         run = self._settings(**{k: v for k, v in locals().items() if k != "self"})
         return self._output(self._decoder(run, *self._prior(run)), run, "text-to-image")
 
@@ -349,8 +406,8 @@ class StableCascadePipeline:
         run = self._settings(prompt=prompts, **options)
         if len(prompts) != latents.shape[0]:
             raise InputError(f"got {len(prompts)} prompts for {latents.shape[0]} latents")
-        _, pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.prompts))
-        _, neg_pooled = (t.repeat_interleave(run.n, 0) for t in self.text_encoder(run.negatives))
+        _, pooled = self._text(run.prompts, run.n)
+        _, neg_pooled = self._text(run.negatives, run.n)
         images = self._decoder(run, latents.float().repeat_interleave(run.n, 0), pooled, neg_pooled)
         return self._output(images, run, "decode")
 
@@ -435,6 +492,11 @@ class StableCascadePipeline:
         if self._loras is None:
             self._loras = LoRAManager(self.stage_c, self.text_encoder)
         lora = read_lora(path, self.stage_c, self.text_encoder, new_tokens=new_tokens)
+        rescaled = f"up_blocks.{len(self.stage_c.up_blocks) - 1}."
+        if getattr(self.stage_c, "fp16_rescale", None) is not None and any(
+                d.model == "stage_c" and d.module.startswith(rescaled) for d in lora.layers):
+            raise InputError(f"{path} changes Stage C's last block group, whose weights are rescaled for float16; "
+                             "load the pipeline in bfloat16 or float32 to use this LoRA")
         name = self._loras.add(lora, scale, name=name or (Path(path).stem if not isinstance(path, dict) else None))
         self._loras.apply(mode)
         return name
@@ -459,7 +521,7 @@ class StableCascadePipeline:
     def _settings(self, prompt, negative_prompt="", width=None, height=None, num_images_per_prompt=1,
                   prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0, seed=None,
                   generator=None, sampling="official", output_type="pil", progress=True, compression=COMPRESSION,
-                  preview_callback=None) -> _Run:
+                  preview_callback=None, tiled_decode=None) -> _Run:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -486,6 +548,8 @@ class StableCascadePipeline:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
         if sampling not in SAMPLING_DEFAULTS:
             raise InputError(f"sampling must be one of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
+        if tiled_decode not in (None, True, False):
+            raise InputError(f"tiled_decode must be None (automatic), True or False, got {tiled_decode!r}")
         if output_type not in ("pil", "pt"):
             raise InputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         if generator is None:
@@ -493,7 +557,27 @@ class StableCascadePipeline:
             generator = torch.Generator().manual_seed(seed)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seed, generator, sampling, output_type, progress,
-                    _check_compression(compression), preview_callback)
+                    _check_compression(compression), preview_callback, tiled_decode)
+
+
+@contextlib.contextmanager
+def _keeping_dtype(model: torch.nn.Module):
+    """Put back the model's dtype if the float16 guard upcast it (float16 -> float32 -> float16 is exact)."""
+    dtype = model.dtype
+    try:
+        yield
+    finally:
+        if model.dtype != dtype:
+            model.to(dtype)
+
+
+def _cast(value, dtype):
+    """Floating tensors (also inside lists) cast to dtype."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
 def _concat(cond, uncond):
@@ -601,20 +685,29 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
                   effnet: Union[str, Path, torch.nn.Module, None] = None,
-                  previewer: Union[str, Path, torch.nn.Module, None] = None) -> StableCascadePipeline:
+                  previewer: Union[str, Path, torch.nn.Module, None] = None,
+                  offload: Optional[str] = None) -> StableCascadePipeline:
     """Load Stage C (+ text encoder) from `prior` and Stage B + Stage A from `decoder`.
 
     Each may be a diffusers-layout pipeline folder, a Hub repo id, a single official .safetensors file, or a
     mapping of components to paths: prior {"stage_c", "text_encoder", "tokenizer", "image_encoder"}, decoder
     {"stage_b", "stage_a"} (official files or diffusers model folders). `effnet` and `previewer` are official
-    files or loaded modules (default: the released ones from the Hub, fetched when first needed). Stage A, the EfficientNet encoder
-    and the Previewer run in float32 (they are small).
+    files or loaded modules (default: the released ones from the Hub, fetched when first needed). Stage A, the
+    EfficientNet encoder and the Previewer run in float32 (they are small).
+
+    dtype=torch.float16 rescales Stage C's last block group so its activations fit float16 (same function, see
+    `StageC.rescale_for_fp16`); a stage that still overflows warns and finishes in float32. `offload` ("model" or
+    "sequential") keeps the big parts in CPU memory, see `StableCascadePipeline`.
 
     "nano" (for both) is the built-in model: a tiny cascade trained on 64x64 coloured shapes ("a red circle at
     the top left on a blue background") that runs offline in a second; its own encoder and Previewer come with it.
     Any folder laid out like it (model.json, prior/, decoder/; scripts/train_nano.py writes one) loads the same way."""
+    offload_module.check_mode(offload)
+    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    load_device = torch.device("cpu") if offload else device
     native_size, shifts = 1024, SAMPLING_DEFAULTS["official"][:2]
     bundle = _bundle(prior)
     if bundle is not None:
@@ -635,15 +728,17 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     if "stage_a" not in decoder_parts:
         decoder_parts["stage_a"] = hub.file(hub.DECODER_REPO, "stage_a.safetensors")
 
-    stage_c = checkpoints.load_component(prior_parts["stage_c"], "stage_c", dtype=dtype, device=device)
-    stage_b = checkpoints.load_component(decoder_parts["stage_b"], "stage_b", dtype=dtype, device=device)
-    stage_a = checkpoints.load_component(decoder_parts["stage_a"], "stage_a", dtype=torch.float32, device=device)
+    stage_c = checkpoints.load_component(prior_parts["stage_c"], "stage_c", dtype=dtype, device=load_device)
+    if dtype == torch.float16:
+        stage_c.rescale_for_fp16()
+    stage_b = checkpoints.load_component(decoder_parts["stage_b"], "stage_b", dtype=dtype, device=load_device)
+    stage_a = checkpoints.load_component(decoder_parts["stage_a"], "stage_a", dtype=torch.float32, device=load_device)
     text_parts = prior_parts if ("text_encoder" in prior_parts or "text_encoder" not in decoder_parts) else decoder_parts
-    text_encoder = _load_text_encoder(text_parts, dtype, device)
+    text_encoder = _load_text_encoder(text_parts, dtype, load_device)
     return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
                                  image_encoder=prior_parts.get("image_encoder"),
-                                 effnet=_part(effnet), previewer=_part(previewer), native_size=native_size,
-                                 official_shifts=shifts)
+                                 effnet=_part(effnet), previewer=_part(previewer), offload=offload,
+                                 native_size=native_size, official_shifts=shifts)
 
 
 def _bundle(source: Source) -> Optional[Path]:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..configs import StageAConfig
+from .blocks import Linear, linear
 
 
 class ResBlock(nn.Module):
@@ -16,7 +17,7 @@ class ResBlock(nn.Module):
         self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, 3, groups=c))
         self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
-        self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
+        self.channelwise = nn.Sequential(Linear(c, c_hidden), nn.GELU(), Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x):
@@ -24,7 +25,8 @@ class ResBlock(nn.Module):
         h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h) * g[2]
         h = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]
-        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+        expand, _, project = self.channelwise  # the GELU runs fused into the first projection
+        return x + project(linear(h, expand.weight, expand.bias, "gelu")).permute(0, 3, 1, 2) * g[5]
 
 
 class VectorQuantizer(nn.Module):
@@ -74,3 +76,48 @@ class StageA(nn.Module):
     def decode(self, latents):
         """Stage B latents -> RGB (unclamped, nominally [0, 1]); no quantization, as in the official code."""
         return self.out_block(self.up_blocks(latents * self.config.scale_factor))
+
+    @property
+    def pixels_per_latent(self) -> int:
+        return 2 ** self.config.levels
+
+    def decode_tiled(self, latents, tile: int = 256, overlap: int = 64):
+        """decode() in overlapping tiles of `tile` latent cells: memory stays that of one tile whatever the image
+        size. Within an overlap each tile's weight is 0 over the quarter next to its edge (where its border padding
+        reaches: the released decoder sees ~14 latent cells around a pixel) and then ramps up linearly, so the
+        blend uses only pixels decoded with their full surroundings."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
+        f = self.pixels_per_latent
+        (b, _, h, w), dev = latents.shape, latents.device
+        out = torch.zeros(b, 3, h * f, w * f, device=dev, dtype=torch.float32)
+        total = torch.zeros(1, 1, h * f, w * f, device=dev, dtype=torch.float32)
+        for y in _tile_starts(h, tile, overlap):
+            for x in _tile_starts(w, tile, overlap):
+                th, tw = min(tile, h - y), min(tile, w - x)
+                image = self.decode(latents[..., y:y + th, x:x + tw]).float()
+                weight = (_ramp(th * f, overlap * f, y > 0, y + th < h, dev)[:, None]
+                          * _ramp(tw * f, overlap * f, x > 0, x + tw < w, dev)[None, :])
+                out[..., y * f:(y + th) * f, x * f:(x + tw) * f] += image * weight
+                total[..., y * f:(y + th) * f, x * f:(x + tw) * f] += weight
+        return (out / total).to(latents.dtype)
+
+
+def _tile_starts(n: int, tile: int, overlap: int) -> list[int]:
+    if n <= tile:
+        return [0]
+    starts = list(range(0, n - tile, tile - overlap))
+    return starts + [n - tile]
+
+
+def _ramp(n: int, length: int, rise: bool, fall: bool, device) -> torch.Tensor:
+    """Blend weights along one tile side of n pixels: at a side shared with a neighbour, 0 over the first quarter
+    of the `length`-pixel overlap, then rising linearly to 1 at its three quarters; flat 1 elsewhere."""
+    weight = torch.ones(n, device=device)
+    margin = length // 4
+    ramp = ((torch.arange(min(length, n), device=device) + 0.5 - margin) / max(length - 2 * margin, 1)).clamp(0, 1)
+    if rise:
+        weight[: len(ramp)] = torch.minimum(weight[: len(ramp)], ramp)
+    if fall:
+        weight[n - len(ramp):] = torch.minimum(weight[n - len(ramp):], ramp.flip(0))
+    return weight

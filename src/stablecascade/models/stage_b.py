@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configs import StageBConfig
-from .blocks import CascadeUNet, LayerNorm2d
+from .blocks import CascadeUNet, LayerNorm2d, Linear
 
 
 def _mapper(c_in: int, c: int) -> nn.Sequential:
@@ -29,7 +29,7 @@ class StageB(CascadeUNet):
             self.effnet_mapper = _mapper(cfg.c_effnet, c0)
         if cfg.c_pixels is not None:
             self.pixels_mapper = _mapper(cfg.c_pixels, c0)
-        self.clip_mapper = nn.Linear(cfg.c_clip, cfg.c_cond * cfg.c_clip_seq)
+        self.clip_mapper = Linear(cfg.c_clip, cfg.c_cond * cfg.c_clip_seq)
         self.clip_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
         self.embedding = nn.Sequential(
             nn.PixelUnshuffle(p), nn.Conv2d(cfg.c_in * p**2, c0, 1), LayerNorm2d(c0, elementwise_affine=False, eps=1e-6)
@@ -47,14 +47,18 @@ class StageB(CascadeUNet):
             LayerNorm2d(c0, elementwise_affine=False, eps=1e-6), nn.Conv2d(c0, cfg.c_out * p**2, 1), nn.PixelShuffle(p)
         )
 
+    condition_inputs = ("clip",)
+
     def condition(self, clip) -> torch.Tensor:
         """`c_clip_seq` condition tokens from the pooled text embedding (B,1,c_clip)."""
         return self.clip_norm(self.clip_mapper(clip).reshape(clip.shape[0], -1, self.config.c_cond))
 
-    def forward(self, x, r, effnet, clip, pixels=None, sca=None):
-        """x (B,4,H/4,W/4), r (B,), effnet (B,16,h,w) of any size, clip (B,1,1280) -> ε."""
+    def forward(self, x, r, effnet, clip=None, pixels=None, sca=None, cond_kv=None):
+        """x (B,4,H/4,W/4), r (B,), effnet (B,16,h,w) of any size, clip (B,1,1280) -> ε.
+        `cond_kv` (from `precompute`) replaces `clip`."""
         r_embed = self.embed_r(r, sca=sca)
-        cond = self.condition(clip)
+        if cond_kv is None:
+            cond_kv = self.condition_kv(self.condition(clip))
         x = self.embedding(x)
         size = x.shape[-2:]
         if hasattr(self, "effnet_mapper"):
@@ -63,4 +67,4 @@ class StageB(CascadeUNet):
             if pixels is None:  # never supplied by the released flows, but its mapped constant still counts
                 pixels = x.new_zeros(x.shape[0], self.config.c_pixels, 8, 8)
             x = x + _resize(self.pixels_mapper(pixels), size).to(x.dtype)
-        return self.clf(self._up(self._down(x, r_embed, cond), r_embed, cond))
+        return self.clf(self._up(self._down(x, r_embed, cond_kv), r_embed, cond_kv))
