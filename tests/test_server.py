@@ -249,7 +249,7 @@ class StubPipe:
     """Stands in for the pipeline where the real one lacks a feature: records LoRA calls, runs 'steps' through a
     Stage C module so the worker's step hooks fire."""
 
-    min_size, native_size, device, dtype = 8, 64, "cpu", torch.float32
+    min_size, native_size, decoder_guidance, device, dtype = 8, 64, 0.0, "cpu", torch.float32
 
     def __init__(self):
         self.stage_c = torch.nn.Identity()

@@ -62,8 +62,9 @@ def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: b
         g.add_argument("--steps", type=int, default=20, help="Stage C (prior) sampling steps (default 20)")
         g.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance (default 4.0)")
     g.add_argument("--decoder-steps", type=int, default=10, help="Stage B (decoder) sampling steps (default 10)")
-    g.add_argument("--decoder-guidance", type=float, default=0.0,
-                   help="Stage B guidance; values <= 1 switch it off (default 0.0)")
+    g.add_argument("--decoder-guidance", type=float,
+                   help="Stage B guidance; values <= 1 switch it off (default: the model's, 0 for the released "
+                        "models)")
     g.add_argument("--seed", type=int, help="random seed; the same seed gives the same image (default: random, "
                                             "printed and stored in the PNG)")
     g.add_argument("--num-images", type=int, default=1, help="images to generate per input (default 1)")

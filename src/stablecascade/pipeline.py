@@ -90,16 +90,18 @@ class StableCascadePipeline:
     def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
                  previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
-                 native_size: int = 1024, official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2]):
+                 native_size: int = 1024, official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2],
+                 decoder_guidance: float = 0.0):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
         prior was trained at, the default width and height; `official_shifts`: the (Stage C, Stage B) schedule
-        shifts the models were made for, used by the official sampler."""
+        shifts the models were made for, used by the official sampler; `decoder_guidance`: the default Stage B
+        guidance (0, off, for the released models)."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
-        self.official_shifts = official_shifts
+        self.official_shifts, self.decoder_guidance = official_shifts, decoder_guidance
         for part in self._offloaded_parts():
             if offload == "model":
                 offload_module.move(part, "cpu")
@@ -317,7 +319,7 @@ class StableCascadePipeline:
         prior_steps: int = 20,
         prior_guidance: float = 4.0,
         decoder_steps: int = 10,
-        decoder_guidance: float = 0.0,
+        decoder_guidance: Optional[float] = None,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
         sampling: str = "official",
@@ -329,7 +331,8 @@ class StableCascadePipeline:
     ):
         """Text-to-image. Returns a list of PIL images (each with its parameters in `.info["parameters"]`), or with
         `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent.
-        `width`/`height` default to the model's native size (1024 for the released models, 64 for nano).
+        `width`/`height` default to the model's native size (1024 for the released models, 64 for nano),
+        `decoder_guidance` to the model's (0 for the released models).
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
         more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
@@ -519,7 +522,7 @@ class StableCascadePipeline:
 
     # --------------------------------------------------------------------------------------- validation
     def _settings(self, prompt, negative_prompt="", width=None, height=None, num_images_per_prompt=1,
-                  prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=0.0, seed=None,
+                  prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=None, seed=None,
                   generator=None, sampling="official", output_type="pil", progress=True, compression=COMPRESSION,
                   preview_callback=None, tiled_decode=None) -> _Run:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -529,6 +532,7 @@ class StableCascadePipeline:
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise InputError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
                              "(one per prompt)")
+        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):
@@ -708,13 +712,14 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     load_device = torch.device("cpu") if offload else device
-    native_size, shifts = 1024, SAMPLING_DEFAULTS["official"][:2]
+    native_size, shifts, decoder_guidance = 1024, SAMPLING_DEFAULTS["official"][:2], 0.0
     bundle = _bundle(prior)
     if bundle is not None:
         from .models.effnet import load_nano_encoder
 
         manifest = json.loads((bundle / "model.json").read_text())
         prior, native_size, shifts = bundle / "prior", manifest["native_size"], tuple(manifest["shifts"])
+        decoder_guidance = manifest["decoder_guidance"]
         effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
         previewer = previewer or bundle / manifest["previewer"]
     bundle = _bundle(decoder)
@@ -738,7 +743,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
                                  image_encoder=prior_parts.get("image_encoder"),
                                  effnet=_part(effnet), previewer=_part(previewer), offload=offload,
-                                 native_size=native_size, official_shifts=shifts)
+                                 native_size=native_size, official_shifts=shifts, decoder_guidance=decoder_guidance)
 
 
 def _bundle(source: Source) -> Optional[Path]:

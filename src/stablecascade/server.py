@@ -462,7 +462,8 @@ def schemas():
         prior_steps: int = Field(20, ge=1, le=200, description="Stage C sampling steps")
         prior_guidance: float = Field(4.0, ge=0, le=50, description="Stage C classifier-free guidance")
         decoder_steps: int = Field(10, ge=1, le=200, description="Stage B sampling steps")
-        decoder_guidance: float = Field(0.0, ge=0, le=50, description="Stage B guidance; <= 1 switches it off")
+        decoder_guidance: Opt[float] = Field(None, ge=0, le=50, description="Stage B guidance; <= 1 switches it "
+                                             "off (default: the model's, 0 for the released models)")
         seed: Opt[int] = Field(None, ge=0, le=2**63 - 1, description="random seed (default: random, returned)")
         sampling: Literal["official", "diffusers"] = "official"
         compression: float = Field(42.67, ge=8, le=128, description="image pixels per Stage C latent cell")
@@ -691,7 +692,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         output size when the request gives none (default: the model's native size)."""
         default_size = default_size or (pipe.native_size, pipe.native_size)
         options = body.model_dump(exclude=exclude | {"previews", "timeout", "loras"})
-        options = {k: v for k, v in options.items() if not (k in ("width", "height", "seed") and v is None)}
+        options = {k: v for k, v in options.items() if not (k in ("width", "height", "seed", "decoder_guidance")
+                                                            and v is None)}
         for side in ("width", "height"):
             if side in options and options[side] < pipe.min_size:
                 raise HTTPException(422, f"{side}={options[side]} is too small for this model: at least "

@@ -25,7 +25,7 @@ from .server import QueueFull, Worker, model_parameters
 MAX_SEED = 2**31 - 1
 DEFAULTS = {  # the official app's (official-spec.md §5.7), decoder guidance unlocked
     "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
-    "decoder_guidance": 0.0, "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
+    "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
 EXAMPLES = [
@@ -81,7 +81,8 @@ class WebUI:
         self.worker = worker
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="stablecascade-ui-"))
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size}
+        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size,
+                  "decoder_guidance": worker.pipe.decoder_guidance}
         self.defaults = {**DEFAULTS, **native, **(defaults or {})}
         self.title = title
         self._session_jobs: dict = {}
