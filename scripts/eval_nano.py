@@ -62,6 +62,7 @@ def main(argv=None):
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--decoder-guidance", type=float, help="Stage B guidance (default: the model's)")
     a = p.parse_args(argv)
     import random
 
@@ -81,7 +82,8 @@ def main(argv=None):
     hits = {k: 0 for k in ("colour", "shape", "position", "background", "all")}
     for i, (colour, shape, position, background) in enumerate(cases):
         prompt = caption(colour, shape, position, background)
-        image = pipe(prompt, width=64, height=64, seed=a.seed + i, progress=False)[0]
+        image = pipe(prompt, width=64, height=64, seed=a.seed + i, decoder_guidance=a.decoder_guidance,
+                     progress=False)[0]
         found = analyse(np.asarray(image.convert("RGB")))
         truth = {"colour": colour, "shape": shape, "position": position, "background": background}
         ok = {k: found[k] == truth[k] for k in truth}
@@ -95,8 +97,9 @@ def main(argv=None):
     with torch.no_grad():
         stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
     full = pipe.decode(pipe.encode(list(images)), prompt=[caption(*c) for c in cases[:16]], width=64, height=64,
-                       seed=a.seed, output_type="pt", progress=False)
-    figures = {"split": a.split, "prompts": len(cases), "alignment": alignment,
+                       seed=a.seed, decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+    figures = {"split": a.split, "prompts": len(cases), "decoder_guidance": pipe.decoder_guidance
+               if a.decoder_guidance is None else a.decoder_guidance, "alignment": alignment,
                "psnr_stage_a": round(psnr(stage_a_only, images), 2),
                "psnr_reconstruction": round(psnr(full, images), 2)}
     print(json.dumps(figures, indent=1))

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# Stage B guidance (Stage C latent vs none) the nano model samples with by default: without it the small Stage B
+# paints the backgrounds but only faint shapes (scripts/eval_nano.py --decoder-guidance measures it)
+DECODER_GUIDANCE = 2.0
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -179,6 +182,7 @@ def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
         shutil.copy(parts_dir / name, out / name)
     # what load_pipeline("nano", "nano") needs beyond the diffusers-layout folders
     (out / "model.json").write_text(json.dumps({"native_size": 64, "shifts": [2.0, noise_shift_b],
+                                                "decoder_guidance": DECODER_GUIDANCE,
                                                 "effnet": "nano_encoder.safetensors",
                                                 "previewer": "previewer.safetensors"}, indent=1))
 
