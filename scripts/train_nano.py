@@ -26,34 +26,49 @@ DECODER_GUIDANCE = 2.0
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
-    """Stage A (tiny VQGAN) as a plain autoencoder on the unquantized latents (what Stage B models)."""
-    from stablecascade import configs
-    from stablecascade.models import StageA
+def _batches(data: Path, batch: int, seed: int):
+    """An endless stream of (B,3,64,64) training images in [0, 1]."""
     from stablecascade.train import data as D
 
-    torch.manual_seed(seed)
-    model = StageA(configs.STAGE_A["tiny"]).train()
     source = D.ImageSource(D.index_sources([str(data)]))
     sampler = D.Sampler(source, batch, [(64, 64)], seed=seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    while True:
+        yield D.load_batch(source, next(sampler), slice(None), {})[0]
+
+
+def _fit(name: str, params, loss_of, batches, steps: int, lr: float) -> None:
+    """AdamW on loss_of(images): 50 warm-up steps, then a linear decay to a tenth of `lr`."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     for step in range(steps):
-        images, _ = D.load_batch(source, next(sampler), slice(None), {})
-        latents = model.encode(images)
-        recon = model.decode(latents)
-        loss = (recon - images).abs().mean() + ((recon - images) ** 2).mean() + 1e-3 * latents.pow(2).mean()
+        loss = loss_of(next(batches))
         opt.zero_grad()
         loss.backward()
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
         opt.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"stage A step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+            print(f"{name} step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+
+
+def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
+    """Stage A (tiny VQGAN) as a plain autoencoder on the unquantized latents (what Stage B models)."""
+    from stablecascade import configs
+    from stablecascade.models import StageA
+
+    torch.manual_seed(seed)
+    model = StageA(configs.STAGE_A["tiny"]).train()
+    batches = _batches(data, batch, seed)
+
+    def loss_of(images):
+        latents = model.encode(images)
+        recon = model.decode(latents)
+        return (recon - images).abs().mean() + ((recon - images) ** 2).mean() + 1e-3 * latents.pow(2).mean()
+
+    _fit("stage A", model.parameters(), loss_of, batches, steps, lr)
     model.eval().requires_grad_(False)
     # Stage B diffuses encode()'s output, which divides by scale_factor: pick it so that output has unit std
     with torch.no_grad():
-        images, _ = D.load_batch(source, next(sampler), slice(None), {})
-        spread = (model.encode(images) * model.config.scale_factor).std().item()
+        spread = (model.encode(next(batches)) * model.config.scale_factor).std().item()
     model.config = dataclasses.replace(model.config, scale_factor=round(spread, 4))
     return model
 
@@ -67,23 +82,12 @@ def train_encoder(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
 
     from stablecascade import configs
     from stablecascade.models import NanoEncoder, Previewer
-    from stablecascade.train import data as D
 
     torch.manual_seed(seed)
     encoder, previewer = NanoEncoder().train(), Previewer(configs.PreviewerConfig(c_hidden=64)).train()
-    source = D.ImageSource(D.index_sources([str(data)]))
-    sampler = D.Sampler(source, batch, [(64, 64)], seed=seed)
-    opt = torch.optim.AdamW([*encoder.parameters(), *previewer.parameters()], lr=lr, weight_decay=0.0)
-    for step in range(steps):
-        images, _ = D.load_batch(source, next(sampler), slice(None), {})
-        loss = F.mse_loss(previewer(encoder(images)), F.avg_pool2d(images, 4))
-        opt.zero_grad()
-        loss.backward()
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / 50) * (0.1 + 0.9 * (1 - step / steps))
-        opt.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"encoder step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    _fit("encoder", [*encoder.parameters(), *previewer.parameters()],
+         lambda images: F.mse_loss(previewer(encoder(images)), F.avg_pool2d(images, 4)),
+         _batches(data, batch, seed), steps, lr)
     return encoder.eval().requires_grad_(False), previewer.eval().requires_grad_(False)
 
 
