@@ -9,11 +9,15 @@ bytes: the total (interpreter and torch included) and the growth over the RSS ju
 """
 
 import json
+import math
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 from common import DTYPES, ROOT, gib
+
+SAFETENSORS_DTYPES = {DTYPES["bf16"]: "BF16", DTYPES["fp32"]: "F32"}
 
 CHILD = """
 import json, sys
@@ -30,16 +34,29 @@ print(json.dumps(dict(before=before, peak=peak_rss_bytes(), after=rss_bytes(),
 
 
 def write_checkpoint(path: Path, variant: str, dtype) -> None:
+    """A random official-format file, written one tensor at a time (the safetensors layout: header length, JSON
+    header, raw bytes), so a 7 GB file needs no 7 GB in memory."""
     import torch
-    from safetensors.torch import save_file
 
     from stablecascade import configs
     from stablecascade.models import StageC
 
     with torch.device("meta"):
-        shapes = {k: v.shape for k, v in StageC(configs.STAGE_C[variant]).state_dict().items()}
+        shapes = {k: tuple(v.shape) for k, v in StageC(configs.STAGE_C[variant]).state_dict().items()}
+    size = torch.empty((), dtype=dtype).element_size()
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = size * math.prod(shape)
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
     g = torch.Generator().manual_seed(0)
-    save_file({k: (torch.randn(s, generator=g) * 0.02).to(dtype) for k, s in shapes.items()}, str(path))
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for shape in shapes.values():
+            tensor = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+            f.write(tensor.view(torch.uint8).numpy().tobytes())
 
 
 def main():
