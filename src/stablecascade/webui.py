@@ -1,8 +1,9 @@
 """`stablecascade ui`: a Gradio app over one shared pipeline (a thin shell: parsing and presenting only).
 
 Tabs for text-to-image, image variation, image-to-image, ControlNet and LoRA, each with its advanced settings
-(defaults of the official Gradio app: seed 0 randomised, the model's native size, prior 20 steps at guidance 4, decoder 10 steps
-at guidance 0). Jobs go to the same `server.Worker` the HTTP API uses, so one model serves every user: Gradio's
+(defaults of the official Gradio app: seed 0 randomised, prior 20 steps at guidance 4, decoder 10 steps; size and
+decoder guidance are the model's own: 1024x1024 and 0 for the released models). Jobs go to the same `server.Worker`
+the HTTP API uses, so one model serves every user: Gradio's
 queue holds users in line (one generation at a time) and the worker owns the GPU. While Stage C runs, the
 Previewer's picture of the current estimate is streamed; finished images land in a gallery (newest first, captions
 with their settings, full parameters of the selected image) and are saved as PNGs carrying their parameters.
