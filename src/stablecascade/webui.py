@@ -3,10 +3,10 @@
 Tabs for text-to-image, image variation, image-to-image, ControlNet and LoRA, each with its advanced settings
 (defaults of the official Gradio app: seed 0 randomised, prior 20 steps at guidance 4, decoder 10 steps; size and
 decoder guidance are the model's own: 1024x1024 and 0 for the released models). Jobs go to the same `server.Worker`
-the HTTP API uses, so one model serves every user: Gradio's
-queue holds users in line (one generation at a time) and the worker owns the GPU. While Stage C runs, the
-Previewer's picture of the current estimate is streamed; finished images land in a gallery (newest first, captions
-with their settings, full parameters of the selected image) and are saved as PNGs carrying their parameters.
+the HTTP API uses, so one model serves every user: Gradio's queue holds users in line (one generation at a time) and
+the worker owns the GPU. While Stage C runs, the Previewer's picture of the current estimate is streamed; finished
+images land in a gallery (newest first, captions with their settings, full parameters of the selected image) and are
+saved as PNGs carrying their parameters.
 `--api` serves the HTTP API (/v1, /docs) from the same process and queue.
 """
 
