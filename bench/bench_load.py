@@ -17,7 +17,6 @@ from pathlib import Path
 
 from common import DTYPES, ROOT, gib
 
-SAFETENSORS_DTYPES = {DTYPES["bf16"]: "BF16", DTYPES["fp32"]: "F32"}
 
 CHILD = """
 import json, sys
@@ -39,15 +38,16 @@ def write_checkpoint(path: Path, variant: str, dtype) -> None:
     import torch
 
     from stablecascade import configs
+    from stablecascade.checkpoints import _FILE_DTYPES
     from stablecascade.models import StageC
 
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in StageC(configs.STAGE_C[variant]).state_dict().items()}
-    size = torch.empty((), dtype=dtype).element_size()
+    size, file_dtype = dtype.itemsize, {v: k for k, v in _FILE_DTYPES.items()}[dtype]
     header, offset = {}, 0
     for name, shape in shapes.items():
         n = size * math.prod(shape)
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": file_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)

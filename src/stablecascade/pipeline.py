@@ -712,14 +712,15 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     load_device = torch.device("cpu") if offload else device
-    native_size, shifts, decoder_guidance = 1024, SAMPLING_DEFAULTS["official"][:2], 0.0
+    model_defaults = {}  # what a bundle's model.json sets; the constructor's defaults are the released models'
     bundle = _bundle(prior)
     if bundle is not None:
         from .models.effnet import load_nano_encoder
 
         manifest = json.loads((bundle / "model.json").read_text())
-        prior, native_size, shifts = bundle / "prior", manifest["native_size"], tuple(manifest["shifts"])
-        decoder_guidance = manifest["decoder_guidance"]
+        prior = bundle / "prior"
+        model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
+                              decoder_guidance=manifest["decoder_guidance"])
         effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
         previewer = previewer or bundle / manifest["previewer"]
     bundle = _bundle(decoder)
@@ -743,7 +744,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
                                  image_encoder=prior_parts.get("image_encoder"),
                                  effnet=_part(effnet), previewer=_part(previewer), offload=offload,
-                                 native_size=native_size, official_shifts=shifts, decoder_guidance=decoder_guidance)
+                                 **model_defaults)
 
 
 def _bundle(source: Source) -> Optional[Path]:
