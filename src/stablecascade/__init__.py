@@ -1,7 +1,9 @@
 """stablecascade: Stable Cascade (Würstchen v3) text-to-image, in one library and CLI."""
 
 from .errors import CheckpointError, InputError, StableCascadeError
+from .images import save_with_metadata
 from .pipeline import StableCascadePipeline, load_pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load_pipeline", "StableCascadePipeline", "StableCascadeError", "CheckpointError", "InputError"]
+__all__ = ["load_pipeline", "StableCascadePipeline", "StableCascadeError", "CheckpointError", "InputError",
+           "save_with_metadata"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Union
@@ -19,15 +20,76 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def save_png(image: Image.Image, path: Union[str, Path], parameters: dict) -> Path:
-    """Save with the parameters as JSON in a PNG text chunk (also under "parameters", which other UIs read)."""
+def infotext(parameters: dict) -> str:
+    """AUTOMATIC1111's "infotext" of the parameters: the prompt, a "Negative prompt:" line and one line of
+    "Key: value" pairs, which A1111's PNG Info, image browsers and sd-parsers read from the `parameters` chunk.
+    Stable Cascade's two stages map onto it as: Steps / CFG scale = Stage C (the prior), "Decoder steps" /
+    "Decoder CFG" = Stage B; Model is the prior's name."""
+    fields = {
+        "Steps": parameters.get("prior_steps"),
+        "Sampler": parameters.get("sampler_label") or parameters.get("sampling"),
+        "CFG scale": parameters.get("prior_guidance"),
+        "Seed": parameters.get("seed"),
+        "Size": f"{parameters['width']}x{parameters['height']}" if "width" in parameters else None,
+        "Model": parameters.get("prior"),
+        "Denoising strength": parameters.get("strength"),
+        "Decoder steps": parameters.get("decoder_steps"),
+        "Decoder CFG": parameters.get("decoder_guidance"),
+        "Compression": parameters.get("compression"),
+        "ControlNet": parameters.get("controlnet"),
+        "Control strength": parameters.get("control_strength"),
+        "Mode": parameters.get("mode"),
+    }
+    line = ", ".join(f"{key}: {_infotext_value(value)}" for key, value in fields.items() if value is not None)
+    lines = [str(parameters.get("prompt", ""))]
+    if parameters.get("negative_prompt"):
+        lines.append(f"Negative prompt: {parameters['negative_prompt']}")
+    return "\n".join(lines + [line])
+
+
+def _infotext_value(value) -> str:
+    """A value as A1111 writes it: quoted as JSON when it holds a separator (a comma, colon or newline)."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return json.dumps(text) if any(c in text for c in ',:\n"') else text
+
+
+def text_chunks(parameters: dict) -> dict:
+    """The PNG text chunks of an image's parameters: A1111 infotext under "parameters" (what other tools read)
+    and the full JSON under "stablecascade" (what `read_parameters` reads)."""
+    return {"parameters": infotext(parameters), PARAMETERS_KEY: json.dumps(parameters, sort_keys=True, default=str)}
+
+
+def png_info(parameters: dict) -> PngImagePlugin.PngInfo:
+    """A `PngInfo` for `Image.save(..., pnginfo=...)` carrying `text_chunks(parameters)`."""
     info = PngImagePlugin.PngInfo()
-    text = json.dumps(parameters, sort_keys=True)
-    info.add_text(PARAMETERS_KEY, text)
-    info.add_text("parameters", text)
+    for key, text in text_chunks(parameters).items():
+        info.add_text(key, text)
+    return info
+
+
+def png_bytes(image: Image.Image, parameters: dict) -> bytes:
+    """PNG file contents with the parameters in their text chunks (see `text_chunks`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=png_info(parameters))
+    return buffer.getvalue()
+
+
+def save_png(image: Image.Image, path: Union[str, Path], parameters: dict) -> Path:
+    """Save as PNG with the parameters in its text chunks (see `text_chunks`)."""
     path = Path(path)
-    image.save(path, pnginfo=info)
+    image.save(path, format="PNG", pnginfo=png_info(parameters))
     return path
+
+
+def save_with_metadata(image: Image.Image, path: Union[str, Path]) -> Path:
+    """Save an image returned by the pipeline as PNG with its own parameters (`image.info["parameters"]`)."""
+    parameters = image.info.get("parameters")
+    if not isinstance(parameters, dict):
+        from .errors import InputError
+
+        raise InputError("this image carries no stablecascade parameters (it was not made by the pipeline); "
+                         "use save_png(image, path, parameters)")
+    return save_png(image, path, parameters)
 
 
 def read_parameters(path: Union[str, Path]) -> dict:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import InputError, StableCascadeError
+from .images import png_bytes
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +112,6 @@ class Job:
         with self.changed:
             self.changed.wait_for(lambda: self.version != version or self.done, timeout)
             return self.version
-
-
-def png_bytes(image, parameters: dict) -> bytes:
-    """PNG file contents with the parameters as JSON text chunks, like the command line writes them."""
-    from PIL import PngImagePlugin
-
-    from .images import PARAMETERS_KEY
-
-    info = PngImagePlugin.PngInfo()
-    text = json.dumps(parameters, sort_keys=True, default=str)
-    info.add_text(PARAMETERS_KEY, text)
-    info.add_text("parameters", text)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def side_by_side(images):
