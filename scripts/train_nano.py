@@ -23,6 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # Stage B guidance (Stage C latent vs none) the nano model samples with by default: without it the small Stage B
 # paints the backgrounds but only faint shapes (scripts/eval_nano.py --decoder-guidance measures it)
 DECODER_GUIDANCE = 2.0
+# prompts the UI and API offer as examples (model.json "examples"): the captions' exact wording
+EXAMPLES = [("red", "circle", "top left", "blue"), ("yellow", "square", "centre", "black"),
+            ("white", "triangle", "bottom right", "green"), ("blue", "circle", "top", "yellow")]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -165,6 +168,8 @@ def main(argv=None):
 def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
     import shutil
 
+    from make_shapes import caption
+
     from stablecascade import checkpoints
 
     out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +193,8 @@ def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
     (out / "model.json").write_text(json.dumps({"native_size": 64, "shifts": [2.0, noise_shift_b],
                                                 "decoder_guidance": DECODER_GUIDANCE,
                                                 "effnet": "nano_encoder.safetensors",
-                                                "previewer": "previewer.safetensors"}, indent=1))
+                                                "previewer": "previewer.safetensors",
+                                                "examples": [caption(*e) for e in EXAMPLES]}, indent=1))
 
 
 if __name__ == "__main__":

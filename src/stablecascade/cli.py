@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from . import controlnets
 from .errors import InputError, StableCascadeError
 from .hub import DECODER_REPO, NANO, PRIOR_REPO
 
@@ -279,13 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(i)
     i.set_defaults(run=_img2img)
 
-    c = sub.add_parser("controlnet", help="generate under a ControlNet (canny, inpaint, face, sr)",
+    c = sub.add_parser("controlnet", help=f"generate under a ControlNet ({', '.join(controlnets.KINDS)})",
                        description="Generate under a ControlNet. Saves the control image the filter made beside "
                                    "the results.")
     c.add_argument("prompt", help="what to draw")
-    c.add_argument("--kind", required=True, choices=["canny", "inpaint", "face", "sr"],
-                   help="canny: follow the edges of --control; inpaint: regenerate where --mask is white (or "
-                        "--outpaint); face: keep the identities in --control; sr: 2x super-resolution of --control")
+    c.add_argument("--kind", required=True, choices=list(controlnets.KINDS), help=controlnets.summary())
     c.add_argument("--control", required=True, type=Path, help="the control image")
     c.add_argument("--mask", type=Path, help="inpaint: mask image, white = area to generate")
     c.add_argument("--outpaint", type=int, nargs="+", metavar="PIXELS",

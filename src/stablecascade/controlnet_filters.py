@@ -9,7 +9,7 @@ Images are float tensors in [0, 1], (B,3,H,W). Each filter returns the ControlNe
 | sr        | `sr_control` / `sr_upscale_control`       | 16       | latent grid ×2  |
 | identity  | `FaceIdentityFilter` / `face_identity_control` | 512 | H/32×W/32       |
 
-Canny uses OpenCV (a dependency; it reproduces the official filter exactly). Face identity needs the optional
+Canny uses OpenCV (the optional `canny` extra; it reproduces the official filter exactly). Face identity needs the optional
 `insightface` + `onnxruntime` and the buffalo_l ONNX files; missing ones raise `InputError` naming what to install.
 """
 
@@ -57,7 +57,11 @@ def canny_control(images: torch.Tensor, low_threshold: int = CANNY_THRESHOLDS[0]
                   high_threshold: int = CANNY_THRESHOLDS[1], resize: Optional[int] = CANNY_RESIZE) -> torch.Tensor:
     """Edge map (B,1,H,W) in [0, 1] as the canny ControlNet was trained on: bilinear resize to resize×resize (aspect
     not kept), OpenCV's Canny on the uint8 RGB image with thresholds 100/200, bilinear resize back."""
-    import cv2
+    try:
+        import cv2
+    except ImportError:
+        raise InputError("the canny filter needs OpenCV: pip install 'stablecascade[canny]' (or any of "
+                         "opencv-python-headless, opencv-python)") from None
 
     images = _as_batch(images)
     size = images.shape[-2:]

@@ -14,6 +14,7 @@ already present are kept and missing ones are reported with a clear message (exi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from .controlnets import KINDS, RELEASED
 from .errors import StableCascadeError
 
 REPO = "stabilityai/stable-cascade"
@@ -33,8 +35,6 @@ VARIANTS = {  # download_models.sh: "<Stage B size>-<Stage C size>"
     "small-big": ("stage_b_lite", "stage_c"),
     "small-small": ("stage_b_lite", "stage_c_lite"),
 }
-CONTROLNETS = {"canny": "controlnet/canny.safetensors", "inpainting": "controlnet/inpainting.safetensors",
-               "super_resolution": "controlnet/super_resolution.safetensors"}
 DTYPES = ("bf16", "fp32")
 DEFAULT_DIR = "models"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -61,16 +61,16 @@ def files_for(essential: bool = False, variant: Optional[str] = None, dtype: str
         suffix = "_bf16" if dtype == "bf16" else ""
         files += [f"{stage}{suffix}.safetensors" for stage in VARIANTS[variant]]
     for name in controlnets:
-        if name not in CONTROLNETS:
-            raise DownloadError(f"unknown ControlNet {name!r}; use one of {', '.join(CONTROLNETS)}")
-        files.append(CONTROLNETS[name])
+        if name not in RELEASED:
+            raise DownloadError(f"unknown ControlNet {name!r}; use one of {', '.join(RELEASED)} (the released ones)")
+        files.append(KINDS[name].released_file)
     return files
 
 
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _sha256(path: Path, progress: bool) -> str:
@@ -152,8 +152,7 @@ def download(files: Sequence[str], directory=DEFAULT_DIR, *, repo: str = REPO, r
         etag = None
         if offline_reason is None:
             try:
-                meta = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision, endpoint=endpoint), token=token,
-                                            endpoint=endpoint)
+                meta = get_hf_file_metadata(hf_hub_url(repo, name, revision=revision, endpoint=endpoint), token=token)
                 etag = meta.etag
             except GatedRepoError as e:
                 raise DownloadError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in "
@@ -181,9 +180,9 @@ def download(files: Sequence[str], directory=DEFAULT_DIR, *, repo: str = REPO, r
                 missing.append(name)
             continue
         try:
-            path = Path(hf_hub_download(repo, name, revision=revision, local_dir=directory, endpoint=endpoint,
-                                        token=token, cache_dir=cache_dir,
-                                        tqdm_class=None if progress else _silent_tqdm()))
+            with _progress_bars(progress):
+                path = Path(hf_hub_download(repo, name, revision=revision, local_dir=directory, endpoint=endpoint,
+                                            token=token, cache_dir=cache_dir))
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
             raise DownloadError(_offline_message([name], repo, directory, f"the transfer failed ({e})")) from None
         except HfHubHTTPError as e:
@@ -216,15 +215,19 @@ def _is_connection_error(e: BaseException) -> bool:
                          "RemoteProtocolError", "ConnectTimeout", "ReadTimeout"})
 
 
-def _silent_tqdm():
-    from tqdm.auto import tqdm
+@contextlib.contextmanager
+def _progress_bars(shown: bool):
+    """huggingface_hub's progress bars on or off for one transfer (its global switch, put back afterwards)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
-    class Silent(tqdm):
-        def __init__(self, *args, **kwargs):
-            kwargs["disable"] = True
-            super().__init__(*args, **kwargs)
-
-    return Silent
+    hidden_before = are_progress_bars_disabled()
+    if not shown:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not shown and not hidden_before:
+            enable_progress_bars()
 
 
 def usage_hint(directory: Path, files: Sequence[str]) -> Optional[str]:
@@ -254,8 +257,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
                    help="precision of the Stage B/C files: bf16 (*_bf16.safetensors, half the size) or fp32 "
                         "(default bf16)")
-    p.add_argument("--controlnet", nargs="+", choices=list(CONTROLNETS), default=[], metavar="NAME",
-                   help=f"also fetch ControlNets from controlnet/: {', '.join(CONTROLNETS)}")
+    p.add_argument("--controlnet", nargs="+", choices=RELEASED, default=[], metavar="NAME",
+                   help=f"also fetch released ControlNets: {', '.join(RELEASED)}")
     p.add_argument("--dir", default=DEFAULT_DIR, help=f"folder to put the files in (default ./{DEFAULT_DIR})")
     p.add_argument("--repo", default=REPO, help=f"Hugging Face repo to fetch from (default {REPO})")
     p.add_argument("--revision", default="main", help="branch, tag or commit of the repo (default main)")

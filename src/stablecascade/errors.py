@@ -11,3 +11,7 @@ class CheckpointError(StableCascadeError):
 
 class InputError(StableCascadeError, ValueError):
     """An argument (size, step count, image, prompt...) is out of range or of the wrong type."""
+
+
+class UnsupportedError(CheckpointError):
+    """The loaded model cannot run this (e.g. image variation without a fitting CLIP image encoder); HTTP 501."""

@@ -20,12 +20,11 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, diffusion, hub
+from . import checkpoints, controlnets, diffusion, hub
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
-from .errors import CheckpointError, InputError
+from .errors import CheckpointError, InputError, UnsupportedError
 from .images import load_image, resize, to_pil
-from .models.controlnet import CONTROLNET
 from .models.lora import LoRAManager, read_lora
 
 log = logging.getLogger(__name__)
@@ -40,12 +39,6 @@ SAMPLING_DEFAULTS = {  # per mode: (Stage C shift, Stage B shift, cfg_rho); offi
 }
 PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
-CONTROLNET_FILES = {  # released ControlNets in the Hub repo; the face identity weights were never released
-    "canny": "controlnet/canny.safetensors",
-    "inpaint": "controlnet/inpainting.safetensors",
-    "sr": "controlnet/super_resolution.safetensors",
-}
-CONTROL_KINDS = {"canny": "canny", "inpaint": "inpaint", "face": "identity", "sr": "sr"}  # CLI name -> config name
 TILED_DECODE_AREA = 2048 * 2048  # Stage A decodes larger images in tiles (unless told otherwise)
 NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by scripts/train_nano.py
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
@@ -91,17 +84,19 @@ class StableCascadePipeline:
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
                  previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
                  native_size: int = 1024, official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2],
-                 decoder_guidance: float = 0.0):
+                 decoder_guidance: float = 0.0, prompt_examples: Optional[Sequence[str]] = None):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
         prior was trained at, the default width and height; `official_shifts`: the (Stage C, Stage B) schedule
         shifts the models were made for, used by the official sampler; `decoder_guidance`: the default Stage B
-        guidance (0, off, for the released models)."""
+        guidance (0, off, for the released models); `prompt_examples`: prompts the model draws well (None: the
+        released models' kind of prompts)."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
         self.official_shifts, self.decoder_guidance = official_shifts, decoder_guidance
+        self.prompt_examples = list(prompt_examples) if prompt_examples else None
         for part in self._offloaded_parts():
             if offload == "model":
                 offload_module.move(part, "cpu")
@@ -135,6 +130,9 @@ class StableCascadePipeline:
     def effnet(self) -> torch.nn.Module:
         """The EfficientNet encoder (image -> Stage C latent), loaded on first use; always float32."""
         if not isinstance(self._effnet, torch.nn.Module):
+            reason = self.capabilities().reason("img2img")
+            if reason:
+                raise UnsupportedError(f"encoding images cannot run here: {reason}")
             path = self._effnet or hub.file(hub.DECODER_REPO, "effnet_encoder.safetensors")
             self._effnet = checkpoints.load_official(path, "effnet", dtype=torch.float32, device=self.device)
         return self._effnet
@@ -143,6 +141,9 @@ class StableCascadePipeline:
     def previewer(self) -> torch.nn.Module:
         """The Previewer (Stage C latent -> small RGB), loaded on first use; always float32."""
         if not isinstance(self._previewer, torch.nn.Module):
+            reason = self.capabilities().previews
+            if reason:
+                raise UnsupportedError(f"previews cannot be made here: {reason}")
             path = self._previewer or hub.file(hub.DECODER_REPO, "previewer.safetensors")
             self._previewer = checkpoints.load_official(path, "previewer", dtype=torch.float32, device=self.device)
         return self._previewer
@@ -150,10 +151,9 @@ class StableCascadePipeline:
     @property
     def image_encoder(self) -> ImageEncoder:
         """The CLIP image encoder of image variation, loaded on first use."""
-        if self._image_encoder is None and self.stage_c.config.c_clip_img != RELEASED_CLIP_IMG:
-            raise CheckpointError(f"image variation needs a CLIP image encoder with {self.stage_c.config.c_clip_img}-"
-                                  "wide embeddings for this Stage C, and none was given (the released one only fits "
-                                  "the released Stage C; the nano model has none)")
+        reason = self.capabilities().reason("variation")
+        if reason:
+            raise UnsupportedError(f"image variation cannot run here: {reason}")
         if not isinstance(self._image_encoder, ImageEncoder):
             path = self._image_encoder or hub.snapshot(hub.PRIOR_REPO, ("image_encoder",)) / "image_encoder"
             self._image_encoder = _load_image_encoder(path, self.dtype, self.device)
@@ -162,6 +162,12 @@ class StableCascadePipeline:
             raise CheckpointError(f"the image encoder gives {width}-wide embeddings, Stage C expects "
                                   f"{self.stage_c.config.c_clip_img}")
         return self._image_encoder
+
+    def capabilities(self) -> "Capabilities":  # noqa: F821
+        """Which modes, sizes and ControlNet kinds this pipeline can run, and why not (see `capabilities.py`)."""
+        from .capabilities import of
+
+        return of(self)
 
     @property
     def stage_a_dtype(self) -> torch.dtype:
@@ -427,36 +433,24 @@ class StableCascadePipeline:
         (scaled down to 1024x1024 pixels of area), or twice it for "sr". `options` are those of text-to-image."""
         from . import controlnet_filters as filters
 
-        if kind not in CONTROL_KINDS:
-            raise InputError(f"kind must be one of {sorted(CONTROL_KINDS)}, got {kind!r}")
+        spec = controlnets.get(kind)
         if not isinstance(control_strength, (int, float)) or not math.isfinite(control_strength):
             raise InputError(f"control_strength must be a finite number, got {control_strength!r}")
         net = self.load_controlnet(kind) if kind not in self._controlnets else self._controlnets[kind]
         pixels = load_image(control)[None].to(self.device)
         if kind == "inpaint" and outpaint is not None:
             pixels, mask = filters.pad_for_outpaint(pixels, outpaint)
-        if kind == "sr":
-            height, width = filters.sr_output_size(*pixels.shape[-2:])
-            options = {"prior_guidance": 1.0, **options}
+        if spec.upscale is not None:
+            height, width = filters.sr_output_size(*pixels.shape[-2:], scale=spec.upscale)
         else:
             width, height = default_size(pixels.shape[-1], pixels.shape[-2])
+        if spec.prior_guidance is not None:
+            options = {"prior_guidance": spec.prior_guidance, **options}
         run = self._settings(prompt=prompt, **{"width": width, "height": height, **options})
         (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
         seen = resize(pixels, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)  # what the ControlNet's backbone looks at
-        if kind == "canny":
-            control_input = filters.canny_control(seen)
-            preview = control_input.expand(-1, 3, -1, -1)
-        elif kind == "inpaint":
-            control_input = filters.inpaint_control(seen, mask, saliency=saliency)
-            preview = control_input[:, :3]
-        elif kind == "face":
-            if face_models is None:
-                raise InputError("the face ControlNet needs face_models=<folder with the insightface buffalo_l files "
-                                 f"{', '.join(filters.FACE_MODEL_FILES)}>")
-            control_input, preview = filters.face_identity_control(seen, face_models), seen
-        else:
-            control_input = filters.sr_upscale_control(self.effnet, pixels)
-            preview = pixels
+        control_input, preview = spec.filter(self, pixels, seen, mask=mask, saliency=saliency,
+                                             face_models=face_models)
         features = [None if f is None else f * control_strength for f in net(control_input.to(self.dtype))]
         images = self._decoder(run, *self._prior(run, cnet=features))
         preview = resize(preview.float().clamp(0, 1), run.height, run.width).cpu()
@@ -464,16 +458,15 @@ class StableCascadePipeline:
                 to_pil(preview) if run.output_type == "pil" else preview)
 
     def load_controlnet(self, kind: str, path: Optional[Union[str, Path]] = None) -> torch.nn.Module:
-        """Load the ControlNet used for `kind` (default: the released file from the Hub)."""
-        if kind not in CONTROL_KINDS:
-            raise InputError(f"kind must be one of {sorted(CONTROL_KINDS)}, got {kind!r}")
+        """Load the ControlNet used for `kind` (default: the released file from the Hub, when it fits this model)."""
+        spec = controlnets.get(kind)
         if path is None:
-            if kind not in CONTROLNET_FILES:
-                raise CheckpointError(f"no released weights exist for the {kind} ControlNet: pass the path of a "
-                                      "trained one")
-            path = hub.file(hub.DECODER_REPO, CONTROLNET_FILES[kind])
+            reason = self.capabilities().controlnet_reason(kind)
+            if reason:
+                raise UnsupportedError(f"the {kind} ControlNet cannot run here: {reason}")
+            path = hub.file(hub.DECODER_REPO, spec.released_file)
         net = checkpoints.load_controlnet(path, dtype=self.dtype, device=self.device)
-        want = CONTROLNET[CONTROL_KINDS[kind]].c_in
+        want = spec.config.c_in
         if net.config.c_in != want:
             raise CheckpointError(f"{path} is a ControlNet for {net.config.c_in}-channel controls, not the {kind} "
                                   f"ControlNet ({want} channels)")
@@ -720,7 +713,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
         manifest = json.loads((bundle / "model.json").read_text())
         prior = bundle / "prior"
         model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
-                              decoder_guidance=manifest["decoder_guidance"])
+                              decoder_guidance=manifest["decoder_guidance"], prompt_examples=manifest.get("examples"))
         effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
         previewer = previewer or bundle / manifest["previewer"]
     bundle = _bundle(decoder)

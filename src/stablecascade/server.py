@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from . import controlnets
 from .errors import InputError, StableCascadeError
 from .images import png_bytes
 
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 
 API_KEY_ENV = "STABLECASCADE_API_KEY"
 MODES = ("txt2img", "img2img", "variation", "controlnet")
-CONTROL_KINDS = ("canny", "inpaint", "face", "sr")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PROMPT = 4000  # characters; CLIP only reads 77 tokens anyway
 WEB_EXTRA_HINT = "install the web extra: pip install 'stablecascade[web]'"
@@ -481,7 +481,7 @@ def schemas():
             return self
 
     class ControlNet(Options):
-        kind: Literal["canny", "inpaint", "face", "sr"] = Field(..., description="which ControlNet")
+        kind: Literal[tuple(controlnets.KINDS)] = Field(..., description=controlnets.summary())
         image: str = Field(..., description="the control input, base64 PNG/JPEG/WebP")
         mask: Opt[str] = Field(None, description="inpainting mask (white = redraw), base64")
         prompt: str = Field(..., max_length=MAX_PROMPT)
@@ -741,7 +741,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return submit("variation", options, summary, job_options, wait)
 
     @v1.post("/controlnet", response_model=JobOut, responses={**responses, 501: {"description": "not available"}},
-             summary="ControlNet (canny, inpaint, face, sr)")
+             summary=f"ControlNet ({', '.join(controlnets.KINDS)})")
     def controlnet(body: ControlNet, wait: bool = wait_query):
         if not worker.capabilities()["controlnet"]:
             raise HTTPException(501, "ControlNet is not available in this version of stablecascade")

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import controlnets
 from .errors import InputError
 from .server import QueueFull, Worker, model_parameters
 
@@ -161,9 +162,8 @@ class WebUI:
                 with gr.Tab("ControlNet", id="controlnet"):
                     if not caps["controlnet"]:
                         gr.Markdown("*ControlNet is not available in this version of stablecascade.*")
-                    c_kind = gr.Radio(["canny", "inpaint", "face", "sr"], value="canny", label="ControlNet",
-                                      info="canny: edges · inpaint: redraw the white part of the mask · face: "
-                                           "identity · sr: super-resolution")
+                    c_kind = gr.Radio(list(controlnets.KINDS), value="canny", label="ControlNet",
+                                      info=controlnets.summary())
                     with gr.Row():
                         c_image = gr.Image(label="Control image", type="pil", elem_id="controlnet-image")
                         c_mask = gr.Image(label="Mask (inpaint; white = redraw)", type="pil", image_mode="L")

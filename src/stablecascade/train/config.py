@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from ..controlnets import TRAINABLE
+
 TASKS = ("c", "b", "lora", "controlnet")
 
 
@@ -84,7 +86,7 @@ class TrainConfig:
     train_tokens: list = field(default_factory=list)  # [[token or regex, init regex or null], ...]
 
     # -- ControlNet
-    controlnet_kind: str = "canny"  # canny | inpaint | sr
+    controlnet_kind: str = "canny"  # one of controlnets.TRAINABLE
     controlnet_blocks: Optional[list] = None  # ResBlock calls to control; None = spread over the model
     controlnet_bottleneck: Optional[str] = None  # effnet | simple | large; None = the kind's released mode
     controlnet: Optional[str] = None  # checkpoint to continue from
@@ -114,7 +116,7 @@ class TrainConfig:
         choice("dtype", ("fp32", "bf16"))
         choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
-        choice("controlnet_kind", ("canny", "inpaint", "sr"))
+        choice("controlnet_kind", TRAINABLE)
         for name in ("steps", "batch_size", "grad_accum_steps", "image_size", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")

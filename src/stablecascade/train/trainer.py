@@ -327,12 +327,13 @@ class Trainer:
         self.net = self._wrap(trained)
 
     def _controlnet(self) -> nn.Module:
-        from ..models.controlnet import CONTROLNET, ControlNet, ControlNetConfig
+        from ..controlnets import KINDS
+        from ..models.controlnet import ControlNet, ControlNetConfig
 
         cfg = self.cfg
         if cfg.controlnet:
             return checkpoints.load_controlnet(cfg.controlnet, dtype=torch.float32)
-        base = CONTROLNET[cfg.controlnet_kind]
+        base = KINDS[cfg.controlnet_kind].config
         calls = self.stage_c.resblock_calls
         blocks = cfg.controlnet_blocks or (list(base.proj_blocks) if calls == 64 else
                                            sorted({0, calls // 4, calls // 2, calls - 1}))
