@@ -263,6 +263,12 @@ class StubPipe:
         image.info["parameters"] = {"prompt": prompt, "merged": dict(self.loras)}
         return [image]
 
+    def capabilities(self):
+        from stablecascade.capabilities import MODES, Capabilities
+
+        return Capabilities(native_size=64, min_size=8, max_size=128, size_step=8, modes=dict.fromkeys(MODES),
+                            controlnets={}, previews=None)
+
     def load_lora(self, path, scale=1.0, mode="merge"):
         path = Path(path)
         self.calls.append(("load", path.name, scale))
@@ -344,7 +350,7 @@ def test_controlnet_endpoint(own_pipe, tmp_path):
         return
     own_pipe.load_controlnet("canny", tiny_canny_controlnet(own_pipe, tmp_path / "canny.safetensors"))
     with TestClient(server.create_app(own_pipe)) as c:
-        assert c.get("/health").json()["modes"]["controlnet"] is True
+        assert c.get("/health").json()["modes"]["controlnet"]["available"] is True
         r = c.post("/v1/controlnet", json={**payload, "kind": "blur"})
         assert r.status_code == 422 and "kind" in r.json()["message"]
         r = c.post("/v1/controlnet?wait=true", json={**payload, "control_strength": 0.5})
@@ -357,10 +363,12 @@ def test_controlnet_endpoint(own_pipe, tmp_path):
         control = c.get(job["control_images"][0]["url"])
         assert control.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(control.content)).size == (64, 64)
-        # the face ControlNet was never released: a clear failure, and the server carries on
+        # what the model cannot run: 501 with the reason, before anything is queued or fetched
         r = c.post("/v1/controlnet?wait=true", json={**payload, "kind": "face"})
-        assert r.status_code == 500 and r.json()["error"]["type"] == "checkpoint"
-        assert "face" in r.json()["error"]["message"]
+        assert r.status_code == 501 and "never released" in r.json()["detail"]
+        r = c.post("/v1/controlnet?wait=true", json={**payload, "kind": "inpaint"})
+        assert r.status_code == 501 and "3.6B Stage C" in r.json()["detail"]
+        assert c.get("/health").json()["controlnets"]["inpaint"]["available"] is False
 
 
 def test_real_lora_changes_the_image_and_unloading_restores_it(own_pipe, tmp_path):

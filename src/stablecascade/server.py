@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import controlnets
-from .errors import InputError, StableCascadeError
+from .errors import InputError, StableCascadeError, UnsupportedError
 from .images import png_bytes
 
 log = logging.getLogger(__name__)
@@ -179,10 +179,13 @@ class Worker:
         self.stop()
 
     # ------------------------------------------------------------------------------------------ jobs
-    def capabilities(self) -> dict:
-        return {"txt2img": True, "img2img": True, "variation": True,
-                "controlnet": callable(getattr(self.pipe, "controlnet", None)),
-                "lora": callable(getattr(self.pipe, "load_lora", None))}
+    def capabilities(self):
+        """What the pipeline can run and why not (`capabilities.Capabilities`)."""
+        return self.pipe.capabilities()
+
+    @property
+    def loras_supported(self) -> bool:
+        return callable(getattr(self.pipe, "load_lora", None))
 
     def submit(self, mode: str, kwargs: dict, *, request: Optional[dict] = None, timeout: Optional[float] = None,
                previews: bool = False, loras=()) -> Job:
@@ -190,10 +193,12 @@ class Worker:
         "controlnet" including `kind` and `control`). `loras`: (path, scale) pairs merged for this job."""
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; use one of {list(MODES)}")
-        if mode == "controlnet" and not self.capabilities()["controlnet"]:
-            raise InputError("ControlNet is not available in this version of stablecascade")
-        if loras and not self.capabilities()["lora"]:
-            raise InputError("LoRA is not available in this version of stablecascade")
+        caps = self.capabilities()
+        reason = caps.controlnet_reason(kwargs.get("kind")) if mode == "controlnet" else caps.reason(mode)
+        if reason:
+            raise UnsupportedError(f"{kwargs.get('kind', '')} {mode} cannot run on this model: {reason}".lstrip())
+        if loras and not self.loras_supported:
+            raise UnsupportedError("this pipeline cannot load LoRAs")
         timeout = float(timeout or self.default_timeout)
         job = Job(mode=mode, kwargs=dict(kwargs), request=dict(request or {}), previews=previews,
                   loras=tuple((str(p), float(s)) for p, s in loras), deadline=time.monotonic() + timeout,
@@ -360,6 +365,9 @@ class Worker:
         except InputError as e:
             job._update(status="failed", finished=time.time(), error={"type": "input", "message": str(e)})
             return
+        except UnsupportedError as e:
+            job._update(status="failed", finished=time.time(), error={"type": "unsupported", "message": str(e)})
+            return
         except StableCascadeError as e:
             job._update(status="failed", finished=time.time(), error={"type": "checkpoint", "message": str(e)})
             return
@@ -502,7 +510,7 @@ def schemas():
         finished: Opt[float] = None
         queue_position: Opt[int] = Field(None, description="0 = next to run")
         progress: dict = Field(default_factory=dict, description="current stage (prior/decoder) and step")
-        error: Opt[dict] = Field(None, description="{type: input|timeout|checkpoint|internal, message}")
+        error: Opt[dict] = Field(None, description="{type: input|unsupported|timeout|checkpoint|internal, message}")
         warnings: List[str] = Field(default_factory=list)
         request: dict = Field(default_factory=dict)
         images: List[ImageOut] = Field(default_factory=list)
@@ -661,8 +669,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     def resolve_loras(refs) -> list:
         if not refs:
             return []
-        if not worker.capabilities()["lora"]:
-            raise HTTPException(501, "LoRA is not available in this version of stablecascade")
+        if not worker.loras_supported:
+            raise HTTPException(501, "this pipeline cannot load LoRAs")
         if lora_root is None:
             raise HTTPException(400, "this server offers no LoRAs (start it with --lora-dir)")
         out = []
@@ -698,8 +706,10 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             job = worker.submit(mode, kwargs, request=summary, **job_options)
         except QueueFull as e:
             raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
-        except InputError as e:
+        except UnsupportedError as e:
             raise HTTPException(501, str(e)) from None
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
         location = {"Location": f"/v1/jobs/{job.id}"}
         if not wait:
             return JSONResponse(status_code=202, content=job_out(job), headers=location)
@@ -710,7 +720,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         elif job.status == "cancelled":
             status = 409
         elif job.status == "failed":
-            status = {"input": 422, "timeout": 504}.get(job.error["type"], 500)
+            status = {"input": 422, "timeout": 504, "unsupported": 501}.get(job.error["type"], 500)
         return JSONResponse(status_code=status, content=job_out(job, include_images=True), headers=location)
 
     wait_query = Query(False, description="wait for the job and return its images as base64")
@@ -743,8 +753,6 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     @v1.post("/controlnet", response_model=JobOut, responses={**responses, 501: {"description": "not available"}},
              summary=f"ControlNet ({', '.join(controlnets.KINDS)})")
     def controlnet(body: ControlNet, wait: bool = wait_query):
-        if not worker.capabilities()["controlnet"]:
-            raise HTTPException(501, "ControlNet is not available in this version of stablecascade")
         control = image(body.image, "image")
         mask = image(body.mask, "mask") if body.mask is not None else None
         options, summary, job_options = common(body, {"image", "mask"}, default_size(*control.size))
@@ -805,7 +813,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     @v1.get("/loras", summary="LoRA files offered by this server")
     def list_loras() -> dict:
         files = sorted(p.name for p in lora_root.glob("*.safetensors")) if lora_root and lora_root.is_dir() else []
-        return {"available": worker.capabilities()["lora"], "loras": files}
+        return {"available": worker.loras_supported, "loras": files}
 
     app.include_router(v1)
 
@@ -815,7 +823,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return {"status": "ok", "version": _version(), "device": str(getattr(pipe, "device", "")),
                 "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
                 "queue": {"queued": worker.queued(), "max": worker.max_queue, "running": running is not None},
-                "modes": worker.capabilities(), "auth": api_key is not None,
+                **worker.capabilities().to_dict(), "lora": worker.loras_supported, "auth": api_key is not None,
                 "limits": {"max_pixels": max_pixels, "max_body_bytes": max_body_bytes,
                            "default_timeout": worker.default_timeout, "max_timeout": max_timeout}}
 

@@ -21,22 +21,18 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from . import controlnets
-from .errors import InputError
+from .errors import InputError, StableCascadeError
 from .server import QueueFull, Worker, model_parameters
 
 MAX_SEED = 2**31 - 1
-DEFAULTS = {  # the official app's (official-spec.md §5.7), decoder guidance unlocked
+DEFAULTS = {  # the official Gradio app's (gradio_app/app.py), decoder guidance unlocked
     "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
     "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
-EXAMPLES = [
-    "cinematic photo of an anthropomorphic penguin reading a book in a cafe",
-    "a watercolor fox in the snow",
-    "an oil painting of a harbour at dawn, warm light",
-    "a lighthouse on a cliff, long exposure photo, stormy sea",
-]
 STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
+TAB_LABELS = {"txt2img": "Text to image", "variation": "Image variation", "img2img": "Image to image",
+              "controlnet": "ControlNet", "lora": "LoRA"}
 SYSTEM_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
 MONO_FONTS = ["ui-monospace", "SFMono-Regular", "Consolas", "monospace"]
 
@@ -87,15 +83,16 @@ class WebUI:
                   "decoder_guidance": worker.pipe.decoder_guidance}
         self.defaults = {**DEFAULTS, **native, **(defaults or {})}
         self.title = title
+        self.caps = worker.capabilities()
         self._session_jobs: dict = {}
         self._lock = threading.Lock()
         self.blocks = self._build()
 
     # ----------------------------------------------------------------------------------------- layout
     def _advanced(self, gr, tab: str, size_from_input: bool = False) -> dict:
-        d, pipe = self.defaults, self.worker.pipe
-        lo = max(8, -(-int(pipe.min_size) // 8) * 8)
-        step = 64 if lo % 64 == 0 else 8
+        d, caps = self.defaults, self.caps
+        lo, hi = caps.min_size, max(caps.max_size, d["width"], d["height"])
+        step = 64 if lo % 64 == 0 and hi % 64 == 0 else caps.size_step
         c = {}
         with gr.Accordion("Advanced settings", open=False):
             c["negative_prompt"] = gr.Textbox(label="Negative prompt", value="", placeholder="what to steer away from",
@@ -104,9 +101,8 @@ class WebUI:
                 c["size_from_input"] = gr.Checkbox(label="Size from the input image (at most 1024×1024 of area)",
                                                    value=True)
             with gr.Row():
-                c["width"] = gr.Slider(lo, 2048, value=d["width"], step=step, label="Width", elem_id=f"{tab}-width")
-                c["height"] = gr.Slider(lo, 2048, value=d["height"], step=step, label="Height",
-                                        elem_id=f"{tab}-height")
+                c["width"] = gr.Slider(lo, hi, value=d["width"], step=step, label="Width", elem_id=f"{tab}-width")
+                c["height"] = gr.Slider(lo, hi, value=d["height"], step=step, label="Height", elem_id=f"{tab}-height")
             with gr.Row():
                 c["seed"] = gr.Slider(0, MAX_SEED, value=d["seed"], step=1, label="Seed", elem_id=f"{tab}-seed")
                 c["randomize_seed"] = gr.Checkbox(label="Randomize seed", value=d["randomize_seed"],
@@ -129,20 +125,32 @@ class WebUI:
 
     def _build(self):
         gr = _gradio()
-        caps = self.worker.capabilities()
+        caps = self.caps
         d = self.defaults
         self.events = []
+        unavailable = {TAB_LABELS[m]: caps.reason(m) for m in ("variation", "img2img", "controlnet") if caps.reason(m)}
+        if not self.worker.loras_supported:
+            unavailable[TAB_LABELS["lora"]] = "this pipeline cannot load LoRAs"
         with gr.Blocks(title=self.title, analytics_enabled=False) as blocks:
-            gr.Markdown(f"# {self.title}\nStable Cascade (Würstchen v3): Stage C draws a tiny 16×24×24 latent "
-                        "from your prompt, Stage B and Stage A turn it into pixels.")
+            gr.Markdown(f"# {self.title}\nStable Cascade (Würstchen v3): Stage C draws a tiny latent from your "
+                        f"prompt, Stage B and Stage A turn it into pixels. This model draws best at "
+                        f"{caps.native_size}×{caps.native_size} (sizes from {caps.min_size} to {caps.max_size}).")
+            if unavailable:
+                gr.Markdown("Not available with this model: " + "; ".join(
+                    f"**{tab}**: {reason}" for tab, reason in unavailable.items()), elem_id="unavailable")
             history = gr.State([])
+
+            def tab(mode):
+                label = TAB_LABELS[mode]
+                return gr.Tab(label, id=mode, elem_id=f"tab-{mode}", interactive=label not in unavailable)
+
             with gr.Tabs():
-                with gr.Tab("Text to image", id="txt2img"):
+                with tab("txt2img"):
                     t_prompt = gr.Textbox(label="Prompt", lines=2, placeholder="what to draw", elem_id="txt2img-prompt")
                     t_button = gr.Button("Generate", variant="primary", elem_id="txt2img-generate")
                     t_adv = self._advanced(gr, "txt2img")
-                    gr.Examples(EXAMPLES, inputs=[t_prompt])
-                with gr.Tab("Image variation", id="variation"):
+                    gr.Examples(caps.examples, inputs=[t_prompt])
+                with tab("variation"):
                     with gr.Row():
                         v_image1 = gr.Image(label="Image", type="pil", elem_id="variation-image1")
                         v_image2 = gr.Image(label="Second image (optional, mixed in)", type="pil")
@@ -152,29 +160,26 @@ class WebUI:
                     v_prompt = gr.Textbox(label="Prompt (optional)", lines=1, elem_id="variation-prompt")
                     v_button = gr.Button("Generate variations", variant="primary", elem_id="variation-generate")
                     v_adv = self._advanced(gr, "variation")
-                with gr.Tab("Image to image", id="img2img"):
+                with tab("img2img"):
                     i_image = gr.Image(label="Input image", type="pil", elem_id="img2img-image")
                     i_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="img2img-prompt")
                     i_strength = gr.Slider(0, 1, value=d["strength"], step=0.01,
                                            label="Strength (0 keeps the input, 1 ignores it)")
                     i_button = gr.Button("Generate", variant="primary", elem_id="img2img-generate")
                     i_adv = self._advanced(gr, "img2img", size_from_input=True)
-                with gr.Tab("ControlNet", id="controlnet"):
-                    if not caps["controlnet"]:
-                        gr.Markdown("*ControlNet is not available in this version of stablecascade.*")
-                    c_kind = gr.Radio(list(controlnets.KINDS), value="canny", label="ControlNet",
-                                      info=controlnets.summary())
+                with tab("controlnet"):
+                    usable = [k for k in controlnets.KINDS if caps.controlnet_reason(k) is None]
+                    c_kind = gr.Radio(usable or list(controlnets.KINDS), value=(usable or ["canny"])[0],
+                                      label="ControlNet", info=controlnets.summary())
                     with gr.Row():
                         c_image = gr.Image(label="Control image", type="pil", elem_id="controlnet-image")
                         c_mask = gr.Image(label="Mask (inpaint; white = redraw)", type="pil", image_mode="L")
                     c_strength = gr.Slider(0, 2, value=d["control_strength"], step=0.05, label="Control strength")
                     c_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="controlnet-prompt")
                     c_button = gr.Button("Generate", variant="primary", elem_id="controlnet-generate",
-                                         interactive=caps["controlnet"])
+                                         interactive=bool(usable))
                     c_adv = self._advanced(gr, "controlnet", size_from_input=True)
-                with gr.Tab("LoRA", id="lora"):
-                    if not caps["lora"]:
-                        gr.Markdown("*LoRA is not available in this version of stablecascade.*")
+                with tab("lora"):
                     choices = self._lora_files()
                     l_files = gr.Dropdown(choices, value=[], multiselect=True, label="LoRAs from "
                                           f"{self.lora_dir or 'the --lora-dir folder (none given)'}")
@@ -183,7 +188,7 @@ class WebUI:
                     l_scale = gr.Slider(-2, 2, value=d["lora_scale"], step=0.05, label="LoRA scale")
                     l_prompt = gr.Textbox(label="Prompt", lines=2, elem_id="lora-prompt")
                     l_button = gr.Button("Generate", variant="primary", elem_id="lora-generate",
-                                         interactive=caps["lora"])
+                                         interactive=self.worker.loras_supported)
                     l_adv = self._advanced(gr, "lora")
             with gr.Row():
                 with gr.Column(scale=1):
@@ -200,25 +205,28 @@ class WebUI:
             self._preview_box, self._gallery_box, self._status_box = preview, gallery, status
             self._history_box, self._details_box = history, details
 
-            def wire(button, inputs: dict, adv: dict, build: Callable):
+            def wire(name: str, button, inputs: dict, adv: dict, build: Callable):
                 fields = {**inputs, **adv}
 
                 def run(data, request: gr.Request):
                     values = {name: data[comp] for name, comp in fields.items()}
                     yield from self._generate(build, values, data[history], adv["seed"], request)
 
+                # the worker's queue orders the jobs (and says "2 ahead"); Gradio only bounds how many wait
                 event = button.click(run, inputs={history, *fields.values()}, outputs=outputs + [adv["seed"]],
-                                     concurrency_limit=1, concurrency_id="gpu")
+                                     api_name=name, concurrency_limit=self.worker.max_queue + 1,
+                                     concurrency_id="jobs", show_progress="hidden")
                 self.events.append(event)
 
-            wire(t_button, {"prompt": t_prompt}, t_adv, self._txt2img)
-            wire(v_button, {"image1": v_image1, "image2": v_image2, "weight1": v_weight1, "weight2": v_weight2,
-                            "prompt": v_prompt}, v_adv, self._variation)
-            wire(i_button, {"image": i_image, "prompt": i_prompt, "strength": i_strength}, i_adv, self._img2img)
-            wire(c_button, {"kind": c_kind, "image": c_image, "mask": c_mask, "control_strength": c_strength,
-                            "prompt": c_prompt}, c_adv, self._controlnet)
-            wire(l_button, {"files": l_files, "upload": l_upload, "scale": l_scale, "prompt": l_prompt}, l_adv,
-                 self._lora)
+            wire("txt2img", t_button, {"prompt": t_prompt}, t_adv, self._txt2img)
+            wire("variation", v_button, {"image1": v_image1, "image2": v_image2, "weight1": v_weight1,
+                                         "weight2": v_weight2, "prompt": v_prompt}, v_adv, self._variation)
+            wire("img2img", i_button, {"image": i_image, "prompt": i_prompt, "strength": i_strength}, i_adv,
+                 self._img2img)
+            wire("controlnet", c_button, {"kind": c_kind, "image": c_image, "mask": c_mask,
+                                          "control_strength": c_strength, "prompt": c_prompt}, c_adv, self._controlnet)
+            wire("lora", l_button, {"files": l_files, "upload": l_upload, "scale": l_scale, "prompt": l_prompt},
+                 l_adv, self._lora)
 
             def stop(request: gr.Request):
                 job_id = self._session_jobs.get(getattr(request, "session_hash", None))
@@ -226,12 +234,12 @@ class WebUI:
                     self.worker.cancel(job_id)
                 return "Cancelled."
 
-            cancel.click(stop, None, status, cancels=self.events, queue=False)
+            cancel.click(stop, None, status, cancels=self.events, queue=False, api_name="cancel")
 
             def select(items, evt: gr.SelectData):
                 return items[evt.index]["parameters"] if 0 <= evt.index < len(items) else None
 
-            gallery.select(select, history, details, queue=False)
+            gallery.select(select, history, details, queue=False, api_name=False)
         return blocks
 
     def _lora_files(self) -> list:
@@ -290,8 +298,8 @@ class WebUI:
     # ------------------------------------------------------------------------------------ generation
     def _status(self, job, total: dict) -> str:
         if job.status == "queued":
-            position = self.worker.position(job)
-            return f"Waiting for the GPU ({position or 0} job(s) ahead)…"
+            ahead = self.worker.position(job) or 0
+            return f"Queued: {ahead} ahead." if ahead else "Starting…"
         stage = job.progress.get("stage")
         if stage is None:
             return "Encoding the prompt…"
@@ -299,17 +307,19 @@ class WebUI:
         of = f" / {total[stage]}" if total.get(stage) else ""
         return f"{STAGE_NAMES[stage]} step {step}{of}…"
 
+    def _error(self, message: str) -> dict:
+        """An update showing an error in the status line (and a toast), leaving the earlier results in place."""
+        _gradio().Warning(message)
+        return {self._status_box: f"⚠ {message}"}
+
     def _generate(self, build, values: dict, history: list, seed_box, request):
-        gr = _gradio()
         try:
             mode, kwargs, loras = build(values)
-        except InputError as e:
-            raise gr.Error(str(e)) from None
-        summary = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
-        try:
+            summary = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
             job = self.worker.submit(mode, kwargs, request=summary, previews=bool(values["previews"]), loras=loras)
-        except (QueueFull, InputError) as e:
-            raise gr.Error(str(e)) from None
+        except (QueueFull, StableCascadeError) as e:
+            yield self._error(str(e))
+            return
         session = getattr(request, "session_hash", None)
         self._session_jobs[session] = job.id
         total = {"prior": kwargs["prior_steps"] if mode != "img2img" else None, "decoder": kwargs["decoder_steps"]}
@@ -332,7 +342,8 @@ class WebUI:
             yield {self._status_box: "Cancelled."}
             return
         if job.status == "failed":
-            raise gr.Error(job.error["message"])
+            yield self._error(job.error["message"])
+            return
         items = self._save(job)
         history = items + list(history)
         seconds = time.monotonic() - started
