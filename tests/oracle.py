@@ -3,7 +3,7 @@
 Not a test file: tests import these helpers. Everything is built from configs and seeds; nothing is
 downloaded. The CLIP BPE vocabulary comes from the ``openai-clip`` package (located without importing it).
 
-Pinned oracle versions: diffusers 0.42.1, transformers 5.23.0 (see diffusers-spec.md §0, §8).
+Pinned oracle versions: diffusers 0.42.1, transformers 5.23.0.
 Tests should ``pytest.importorskip("diffusers")`` before importing this module.
 """
 

@@ -1,7 +1,7 @@
 """The diffusion maths (`stablecascade.diffusion`) against hand-computed float64 values and diffusers' scheduler.
 
-Expected values are computed independently here with `math` from the formulas in official-spec.md §4 and
-diffusers-spec.md §5; the functions under test are never used to produce an expectation."""
+Expected values are computed independently here with `math` from the formulas of the official `gdf/` package and
+diffusers' `DDPMWuerstchenScheduler`; the functions under test are never used to produce an expectation."""
 
 import math
 import statistics
@@ -12,7 +12,7 @@ import torch
 from stablecascade import diffusion as D
 
 # ---------------------------------------------------------------------------------------------------------------
-# float64 reference formulas (official-spec §4.1, §4.2, §4.4, §4.8)
+# float64 reference formulas (official gdf/schedulers.py, scalers.py, noise_conditions.py, samplers.py)
 
 S = 0.008
 MIN_VAR = math.cos(S / (1 + S) * math.pi / 2) ** 2
@@ -88,7 +88,7 @@ def test_alpha_bar_matches_hand_and_diffusers():
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-7)
 
 
-SPEC_GRID = {  # official-spec §4.1, 20 steps, linspace(1, 0, 21); (index, quoted λ)
+SPEC_GRID = {  # the official cosine schedule's logSNR, 20 steps, linspace(1, 0, 21); (index, quoted λ)
     1: [(0, -9.21), (1, -5.10), (2, -3.70), (18, 3.55), (19, 4.82), (20, 9.21)],
     # the spec quotes 3.44 for index 19; the exact value is 3.4349 (4.8212 − 2·ln 2), hence abs=0.006 below
     2: [(0, -9.21), (1, -6.49), (2, -5.09), (18, 2.16), (19, 3.44), (20, 7.82)],

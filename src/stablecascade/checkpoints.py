@@ -1,9 +1,9 @@
 """Checkpoint formats: official single files and diffusers-layout folders, both ways.
 
-- Official files are flat safetensors state dicts whose keys are our module names (`official-spec.md` §3).
+- Official files are flat safetensors state dicts whose keys are our module names.
 - diffusers splits the fused attention projection into `to_q/to_k/to_v`, renames `out_proj` to `to_out.0`, Stage B's
   `clip_mapper` to `clip_txt_pooled_mapper` and Stage A's codebook to `vquantizer.embedding`
-  (`diffusers-spec.md` §2), and keeps the model config in a `config.json` beside the weights.
+  (diffusers' `scripts/convert_stable_cascade.py`), and keeps the model config in a `config.json` beside the weights.
 - Models are built on the meta device and the file's tensors are assigned straight in the target dtype and
   device, so loading never holds two copies of the weights.
 """

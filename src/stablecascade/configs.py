@@ -1,6 +1,6 @@
 """Model configurations as data: the released variants and tiny ones for tests.
 
-Field names follow the official constructors (`official-spec.md` §1). List conventions: `blocks[0]` and
+Field names follow the official constructors (`modules/stage_c.py`, `modules/stage_b.py`, `modules/stage_a.py` of the official repository). List conventions: `blocks[0]` and
 `block_repeat[0]` are in down order (level 0 first), `blocks[1]`/`block_repeat[1]` in up order (deepest first).
 """
 

@@ -1,4 +1,4 @@
-"""Control inputs for the Stage C ControlNets (`official-spec.md` §1.8, §5.5).
+"""Control inputs for the Stage C ControlNets (the official `modules/controlnet.py` filters and `notebooks/controlnet.ipynb`).
 
 Images are float tensors in [0, 1], (B,3,H,W). Each filter returns the ControlNet's input for that kind:
 
@@ -260,7 +260,7 @@ def sr_upscale_control(effnet: nn.Module, images: torch.Tensor) -> torch.Tensor:
 def sr_output_size(height: int, width: int, scale: float = 2.0) -> tuple[int, int]:
     """Output (height, width) of a super-resolution run: `scale` x the input, rounded to the nearest multiple of 8 so
     the Stage B latent (size / 4) is always even. The official `control size x 32 x 4/3` rule can give odd Stage B
-    latents (1024 px -> 2730 px -> 683), which Stage B's PixelUnshuffle(2) rejects (`official-spec.md` §7 item 25)."""
+    latents (1024 px -> 2730 px -> 683), which Stage B's PixelUnshuffle(2) rejects."""
     if height <= 0 or width <= 0 or scale <= 0:
         raise InputError(f"sizes and scale must be positive, got {height}x{width} scale {scale}")
     return tuple(max(8, int(math.floor(v * scale / 8 + 0.5)) * 8) for v in (height, width))

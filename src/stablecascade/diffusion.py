@@ -1,7 +1,7 @@
 """The diffusion maths of Stable Cascade (the official "GDF"), as small pure functions.
 
 Everything is expressed through the log signal-to-noise ratio λ of the cosine schedule: x_t = a·x0 + b·ε with
-a² = sigmoid(λ), b² = sigmoid(-λ), t in [0, 1] (t = 1 is pure noise). `official-spec.md` §4 is the reference.
+a² = sigmoid(λ), b² = sigmoid(-λ), t in [0, 1] (t = 1 is pure noise). The official `gdf/` package (Stability-AI/StableCascade) is the reference.
 
 Two samplers share one loop:
 - "official": GDF's DDPM sampler with the logSNR shift, noise condition r = the unshifted-equivalent t, CFG with

@@ -47,7 +47,7 @@ PreviewCallback = Callable[[int, torch.Tensor], None]
 
 
 def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(Stage C latent h, w), (Stage B latent h, w) for an output size (`official-spec.md` §5)."""
+    """(Stage C latent h, w), (Stage B latent h, w) for an output size, as the official notebooks size them."""
     return ((math.ceil(height / compression), math.ceil(width / compression)),
             (height // STAGE_A_FACTOR, width // STAGE_A_FACTOR))
 

@@ -1,6 +1,6 @@
 """Building blocks shared by Stage C and Stage B, and the U-Net skeleton both are made of.
 
-Module and parameter names mirror the official checkpoints (`official-spec.md` §1.1), so official state dicts
+Module and parameter names mirror the official checkpoints (official `modules/common.py`), so official state dicts
 load without renaming.
 """
 

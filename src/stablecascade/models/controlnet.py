@@ -1,4 +1,4 @@
-"""Stage C ControlNets (`official-spec.md` §1.8): a backbone that embeds the control image, and one projection per
+"""Stage C ControlNets (official `modules/controlnet.py`): a backbone that embeds the control image, and one projection per
 controlled ResBlock call of Stage C.
 
 The module names mirror the official checkpoints (`canny.safetensors`, `inpainting.safetensors`,
@@ -83,7 +83,7 @@ def _effnet_backbone(c_in: int) -> nn.Sequential:
     features = efficientnet_v2_s(weights=None).features  # the checkpoint holds every backbone weight
     if c_in != 3:
         # The official code swaps the stem conv for one WITHOUT padding (unlike torchvision's padding=1): the
-        # released weights were trained that way, so keep it (`official-spec.md` §7 item 4).
+        # released weights were trained that way, so keep it.
         features[0][0] = nn.Conv2d(c_in, 24, kernel_size=3, stride=2, bias=False)
     return features
 

@@ -1,5 +1,5 @@
 """Image -> Stage C latent encoders: the EfficientNetV2-S "semantic compressor" of the released models
-(`official-spec.md` §1.5) and the nano model's small stand-in for it."""
+(official `modules/effnet.py`) and the nano model's small stand-in for it."""
 
 from __future__ import annotations
 

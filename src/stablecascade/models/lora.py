@@ -1,6 +1,6 @@
 """LoRA for Stage C and the CLIP text encoder: read any common file format, apply several at once, save.
 
-Formats `read_lora` understands (auto-detected; `official-spec.md` §1.9, `community.md` §1.7):
+Formats `read_lora` understands (auto-detected):
 
 - official (Stability `train_c_lora.py`): `weights.{i}.lora_down` (r, in) / `weights.{i}.lora_up` (out, r), identified
   by position only: the AttnBlocks of Stage C in module order, even i = `attention.attn.out_proj.weight`, odd i =

@@ -1,4 +1,4 @@
-"""The Previewer: a small conv decoder from Stage C latents to an 8x larger RGB preview (`official-spec.md` §1.6)."""
+"""The Previewer: a small conv decoder from Stage C latents to an 8x larger RGB preview (official `modules/previewer.py`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage A: the f4 VQGAN between pixels and Stage B's 4-channel latent space (`official-spec.md` §1.4)."""
+"""Stage A: the f4 VQGAN between pixels and Stage B's 4-channel latent space (official `modules/stage_a.py`)."""
 
 from __future__ import annotations
 

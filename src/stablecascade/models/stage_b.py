@@ -1,4 +1,4 @@
-"""Stage B: the diffusion decoder from a Stage C latent to Stage A's latent space (`official-spec.md` §1.3, §2.3)."""
+"""Stage B: the diffusion decoder from a Stage C latent to Stage A's latent space (official `modules/stage_b.py`)."""
 
 from __future__ import annotations
 

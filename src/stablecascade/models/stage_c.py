@@ -1,4 +1,4 @@
-"""Stage C: the text-conditional prior in the 16-channel EfficientNet latent space (`official-spec.md` §1.2, §2.2)."""
+"""Stage C: the text-conditional prior in the 16-channel EfficientNet latent space (official `modules/stage_c.py`)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ class StageC(CascadeUNet):
     @torch.no_grad()
     def rescale_for_fp16(self, factor: float = 0.5) -> None:
         """Shrink the residual stream of the last block group, where the released weights grow it past float16's
-        range (community.md §4.1), without changing the function.
+        range (the black images fp16 users report), without changing the function.
 
         Every block of the group is homogeneous in its input x: LayerNorm ignores the scale of its input (once its
         eps is scaled by s²), so a ResBlock whose depthwise bias and output projection are scaled by s maps s·x to

@@ -1,4 +1,4 @@
-"""Training: Stage C and Stage B finetuning, LoRAs and ControlNets, on one CPU or many GPUs (`official-spec.md` §6).
+"""Training: Stage C and Stage B finetuning, LoRAs and ControlNets, on one CPU or many GPUs (the official `train/` scripts).
 
     stablecascade train c|b|lora|controlnet --config FILE.yaml [--set key=value ...]
 

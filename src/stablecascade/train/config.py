@@ -1,7 +1,7 @@
 """Training configuration: one flat dataclass, loaded from YAML, overridable with `--set key=value`.
 
 Unknown keys are rejected with the closest known names, so a typo never silently trains with a default
-(the official `finetune_c_3b_v.yaml` shipped a key its own loader refused; `official-spec.md` §7 item 14).
+(the official `finetune_c_3b_v.yaml` shipped a key its own loader refused).
 """
 
 from __future__ import annotations

@@ -149,8 +149,8 @@ class ImageSource:
 
 # ------------------------------------------------------------------------------------------------ buckets
 def bucket_sizes(image_size: int, ratios: Sequence[str], factor: int = 32) -> list[tuple[int, int]]:
-    """(h, w) per bucket for the given w/h ratios (and their reciprocals), area ≈ image_size² (`official-spec.md`
-    §6.2): h = ⌊sqrt(d/r)/f⌋·f, w = ⌊sqrt(d·r)/f⌋·f. No ratios: one square bucket."""
+    """(h, w) per bucket for the given w/h ratios (and their reciprocals), area ≈ image_size² (the official
+    `DataCore` buckets): h = ⌊sqrt(d/r)/f⌋·f, w = ⌊sqrt(d·r)/f⌋·f. No ratios: one square bucket."""
     if not ratios:
         return [(image_size, image_size)]
     d = image_size**2

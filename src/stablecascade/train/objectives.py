@@ -1,4 +1,4 @@
-"""Training-side diffusion pieces (`official-spec.md` §4.5, §6.4, §6.5): the training t draw, loss weights
+"""Training-side diffusion pieces (the official `gdf/` and `train/`): the training t draw, loss weights
 (P2 and the adaptive per-logSNR-bucket weight), pyramid noise, fresh-model initialisation and EMA."""
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class AdaptiveLossWeight:
 def pyramid_noise(shape, gen: torch.Generator, discount: float = 0.75, levels: int = 9) -> torch.Tensor:
     """Stage B's multi-scale noise: N(0,1) plus nearest-upsampled coarse noise at halved sizes (weights 0.75^i,
     only for sizes up to 16), renormalised to unit variance. Uses both height and width (the official code used
-    the height twice; `official-spec.md` §7 item 15)."""
+    the height twice)."""
     b, c, h, w = shape
     noise = torch.randn(shape, generator=gen)
     total = 1.0
@@ -81,7 +81,7 @@ def pyramid_noise(shape, gen: torch.Generator, discount: float = 0.75, levels: i
 
 # ---------------------------------------------------------------------------------------------- init / EMA
 def init_unet_(model: nn.Module) -> nn.Module:
-    """The official from-scratch initialisation of Stage B/C (`official-spec.md` §1.10)."""
+    """The official from-scratch initialisation of Stage B/C (the official modules' `_init_weights`)."""
     from ..models.blocks import GlobalResponseNorm, MultiheadAttention, ResBlock, TimestepBlock
 
     for m in model.modules():

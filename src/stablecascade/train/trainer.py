@@ -1,4 +1,4 @@
-"""The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (`official-spec.md` §6).
+"""The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (the official `train/` scripts).
 
 One process or many (torchrun: DDP, or FSDP for the big Stage C). All randomness that shapes a global batch
 (timesteps, noise, dropout masks, crops) is drawn for the whole global batch from one seeded generator and sliced

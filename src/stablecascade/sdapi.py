@@ -1,0 +1,222 @@
+"""The subset of AUTOMATIC1111's web API (`/sdapi/v1`) that clients use for text-to-image and image-to-image, so
+tools written for it (the `webuiapi` package, editor plug-ins, bots) work unchanged.
+
+Its fields map onto Stable Cascade's stages: `steps` and `cfg_scale` are Stage C's (the prior, which draws the
+picture), `batch_size` x `n_iter` images are made in one job, `seed` -1 is random and image i gets seed + i,
+`sampler_name` is a sampler's A1111 name ("Euler a", ...) or its stablecascade name, `denoising_strength` is
+img2img's strength. Stage B's steps and guidance come from the server options (`decoder_steps`,
+`decoder_cfg_scale`; GET/POST /sdapi/v1/options) or a request's `override_settings`. Requests go through the same
+API key (also accepted as HTTP Basic auth's password, which is how A1111 clients send credentials), queue and
+limits as /v1. Fields A1111 has and Stable Cascade does not (hires fix, face restoration, scripts) are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import secrets
+import time
+from typing import Callable, Optional
+
+from .errors import InputError
+
+A1111_DEFAULT_STEPS = 20
+
+
+def sampler_names() -> dict:
+    """A1111 display name -> stablecascade sampler name, for every sampler of the registry."""
+    from .sampling import SAMPLERS
+
+    return {spec.label: name for name, spec in SAMPLERS.items()}
+
+
+def resolve_sampler(name: Optional[str], default: str) -> str:
+    """The registry name of a sampler given by its A1111 label or its own name (None: `default`)."""
+    if not name:
+        return default
+    labels = sampler_names()
+    by_label = {label.lower(): registry for label, registry in labels.items()}
+    if name.lower() in by_label:
+        return by_label[name.lower()]
+    if name in labels.values():
+        return name
+    raise InputError(f"unknown sampler_name {name!r}; use one of {', '.join(labels)} (GET /sdapi/v1/samplers)")
+
+
+def build_router(worker, *, check_key: Callable, decode: Callable, model_name: str, submit_timeout: float = 3600.0):
+    """The /sdapi/v1 routes. `check_key(request)` raises 401 unless the request carries the server's key (as
+    Bearer, X-API-Key or a Basic-auth password); `decode(data, name)` turns base64 image data into a PIL image
+    under the server's limits (raising HTTPException)."""
+    from fastapi import APIRouter, Depends, HTTPException
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from .pipeline import default_size
+
+    pipe = worker.pipe
+    caps = worker.capabilities()
+    options = {"sd_model_checkpoint": model_name, "decoder_steps": 10, "decoder_cfg_scale": pipe.decoder_guidance,
+               "samples_format": "png"}
+
+    class Txt2ImgRequest(BaseModel):
+        """AUTOMATIC1111's txt2img request; unknown A1111 fields are accepted and ignored."""
+
+        model_config = ConfigDict(extra="allow")
+        prompt: str = Field("", description="what to draw")
+        negative_prompt: str = ""
+        steps: int = Field(A1111_DEFAULT_STEPS, ge=1, le=200, description="Stage C steps")
+        cfg_scale: float = Field(4.0, ge=0, le=50, description="Stage C guidance")
+        width: int = Field(caps.native_size, ge=8, le=8192)
+        height: int = Field(caps.native_size, ge=8, le=8192)
+        seed: int = Field(-1, ge=-1, description="-1: random")
+        batch_size: int = Field(1, ge=1, le=8)
+        n_iter: int = Field(1, ge=1, le=8)
+        sampler_name: Optional[str] = None
+        override_settings: dict = Field(default_factory=dict)
+        send_images: bool = True
+
+    class Img2ImgRequest(Txt2ImgRequest):
+        init_images: list[str] = Field(..., min_length=1, description="base64 images (the first one is used)")
+        denoising_strength: float = Field(0.75, ge=0, le=1)
+        width: Optional[int] = Field(None, ge=8, le=8192)
+        height: Optional[int] = Field(None, ge=8, le=8192)
+
+    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111-compatible"], dependencies=[Depends(check_key)])
+
+    def settings(body) -> dict:
+        merged = {**options, **{k: v for k, v in body.override_settings.items() if k in options}}
+        if merged["sd_model_checkpoint"] != model_name:
+            raise HTTPException(422, f"this server serves {model_name!r} only")
+        return merged
+
+    def run(mode: str, body, kwargs: dict, extra_info: dict):
+        from .server import QueueFull
+        from .errors import UnsupportedError
+
+        s = settings(body)
+        count = body.batch_size * body.n_iter
+        seed = secrets.randbelow(2**31) if body.seed == -1 else body.seed
+        try:
+            sampling = resolve_sampler(body.sampler_name, default=pipe_default_sampler())
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
+        kwargs.update(prompt=body.prompt, negative_prompt=body.negative_prompt, prior_steps=body.steps,
+                      prior_guidance=body.cfg_scale, decoder_steps=int(s["decoder_steps"]),
+                      decoder_guidance=float(s["decoder_cfg_scale"]), num_images_per_prompt=count, seed=seed,
+                      sampling=sampling)
+        request = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
+        try:
+            job = worker.submit(mode, kwargs, request=request)
+        except QueueFull as e:
+            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+        except UnsupportedError as e:
+            raise HTTPException(501, str(e)) from None
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
+        job.wait(submit_timeout)
+        if job.status == "failed":
+            status = {"input": 422, "timeout": 504, "unsupported": 501}.get(job.error["type"], 500)
+            raise HTTPException(status, job.error["message"])
+        params = job.parameters
+        infotexts = [_infotext(p) for p in params]
+        seeds = [p.get("seed", seed) for p in params]
+        info = {"prompt": body.prompt, "all_prompts": [body.prompt] * len(params), "negative_prompt":
+                body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(params),
+                "seed": seeds[0] if seeds else seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
+                "subseed_strength": 0, "width": kwargs.get("width"), "height": kwargs.get("height"),
+                "sampler_name": _label(sampling), "cfg_scale": body.cfg_scale, "steps": body.steps,
+                "batch_size": body.batch_size, "n_iter": body.n_iter, "sd_model_name": model_name,
+                "decoder_steps": s["decoder_steps"], "decoder_cfg_scale": s["decoder_cfg_scale"],
+                "infotexts": infotexts, "styles": [], "index_of_first_image": 0,
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
+                "interrupted": job.status == "cancelled", **extra_info}
+        if params:
+            info["width"], info["height"] = params[0].get("width"), params[0].get("height")
+        images = [base64.b64encode(png).decode() for png in job.pngs] if body.send_images else []
+        parameters = body.model_dump(exclude={"init_images"})
+        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
+
+    def pipe_default_sampler() -> str:
+        from .settings import DEFAULTS
+
+        return DEFAULTS.sampler
+
+    @router.post("/txt2img", summary="text-to-image (AUTOMATIC1111 fields)")
+    def txt2img(body: Txt2ImgRequest) -> dict:
+        return run("txt2img", body, {"width": body.width, "height": body.height}, {})
+
+    @router.post("/img2img", summary="image-to-image (AUTOMATIC1111 fields)")
+    def img2img(body: Img2ImgRequest) -> dict:
+        image = decode(body.init_images[0], "init_images[0]")
+        w, h = default_size(*image.size)
+        kwargs = {"image": image, "strength": body.denoising_strength, "width": body.width or w,
+                  "height": body.height or h}
+        return run("img2img", body, kwargs, {"denoising_strength": body.denoising_strength})
+
+    @router.get("/progress", summary="the running job's progress, ETA and latest preview")
+    def progress(skip_current_image: bool = False) -> dict:
+        job = worker.running
+        queued = worker.queued()
+        if job is None:
+            return {"progress": 0.0, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                    "state": {"skipped": False, "interrupted": False, "job": "", "job_count": queued,
+                              "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}}
+        with job.changed:
+            p = dict(job.progress)
+            preview = job.preview
+        image = None
+        if preview is not None and not skip_current_image:
+            from .images import png_bytes
+
+            image = base64.b64encode(png_bytes(preview, {"mode": "preview", **p})).decode()
+        return {"progress": p.get("percent", 0.0) / 100, "eta_relative": p.get("eta", 0.0) or 0.0,
+                "current_image": image, "textinfo": p.get("stage"),
+                "state": {"skipped": False, "interrupted": job.cancel_requested.is_set(), "job": job.id,
+                          "job_count": queued + 1, "job_timestamp": time.strftime("%Y%m%d%H%M%S",
+                                                                                  time.localtime(job.created)),
+                          "job_no": 0, "sampling_step": p.get("step", 0), "sampling_steps": p.get("total", 0)}}
+
+    @router.post("/interrupt", summary="stop the running job at its next step")
+    def interrupt() -> dict:
+        job = worker.running
+        if job is not None:
+            worker.cancel(job.id)
+        return {}
+
+    @router.get("/sd-models", summary="the loaded model")
+    def sd_models() -> list[dict]:
+        return [{"title": model_name, "model_name": model_name, "hash": None, "sha256": None,
+                 "filename": model_name, "config": None}]
+
+    @router.get("/samplers", summary="the samplers, by their AUTOMATIC1111 names")
+    def samplers() -> list[dict]:
+        return [{"name": label, "aliases": [name], "options": {}} for label, name in sampler_names().items()]
+
+    @router.get("/options", summary="server options (model, Stage B steps and guidance)")
+    def get_options() -> dict:
+        return dict(options)
+
+    @router.post("/options", summary="change server options")
+    def set_options(changes: dict) -> None:
+        known = {k: v for k, v in changes.items() if k in options}
+        if known.get("sd_model_checkpoint", model_name) != model_name:
+            raise HTTPException(422, f"this server serves {model_name!r} only")
+        for key, limit in (("decoder_steps", 200), ("decoder_cfg_scale", 50)):
+            if key in known and not (isinstance(known[key], (int, float)) and math.isfinite(known[key])
+                                     and 0 <= known[key] <= limit):
+                raise HTTPException(422, f"{key} must be a number from 0 to {limit}")
+        options.update(known)
+
+    return router
+
+
+def _label(sampling: str) -> str:
+    from .sampling import SAMPLERS
+
+    return SAMPLERS[sampling].label
+
+
+def _infotext(parameters: dict) -> str:
+    from .images import infotext
+
+    return infotext(parameters)
