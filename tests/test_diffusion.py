@@ -167,7 +167,7 @@ def test_scales_hand_computed():
         assert ai**2 + bi**2 == pytest.approx(1.0, abs=1e-12)
     a32, b32 = D.scales(torch.tensor(LAMS))
     torch.testing.assert_close(a32**2 + b32**2, torch.ones(len(LAMS)), rtol=0, atol=1e-6)
-    # spec §4.2: at λ = 9.21 a ≈ 0.99995, b ≈ 0.01
+    # the official VPScaler: at λ = 9.21 a ≈ 0.99995, b ≈ 0.01
     assert a32[-1].item() == pytest.approx(0.99995, abs=1e-5) and b32[-1].item() == pytest.approx(0.01, abs=1e-4)
 
 
