@@ -11,3 +11,8 @@ class CheckpointError(StableCascadeError):
 
 class InputError(StableCascadeError, ValueError):
     """An argument (size, step count, image, prompt...) is out of range or of the wrong type."""
+
+
+class LimitError(InputError):
+    """A request is over a configured limit (image size, images per call, steps); the message names the option
+    that raises it."""
