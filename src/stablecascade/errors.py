@@ -15,3 +15,8 @@ class InputError(StableCascadeError, ValueError):
 
 class UnsupportedError(CheckpointError):
     """The loaded model cannot run this (e.g. image variation without a fitting CLIP image encoder); HTTP 501."""
+
+
+class LimitError(InputError):
+    """A request is over a configured limit (image size, images per call, steps); the message names the option
+    that raises it."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Optional, Union
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
+
+from .errors import InputError, LimitError
 
 PARAMETERS_KEY = "stablecascade"
 
@@ -96,6 +98,47 @@ def read_parameters(path: Union[str, Path]) -> dict:
     """The generation parameters stored in a PNG written by `save_png`."""
     with Image.open(path) as im:
         return json.loads(im.text[PARAMETERS_KEY])
+
+
+def open_image(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str,
+               formats: Optional[tuple] = None, limit_option: str = "max_pixels") -> Image.Image:
+    """Open and decode an image file (a path or a binary file object), upright by its EXIF orientation.
+
+    The pixel count is checked from the header before any pixel is decoded, so a small file declaring a huge
+    image (a decompression bomb) raises `LimitError` naming `limit_option`; a text chunk over Pillow's limit
+    (PngImagePlugin.MAX_TEXT_CHUNK, 1 MB: a zTXt bomb) and anything unreadable raise `InputError`. `formats`:
+    the accepted Pillow format names (default: any Pillow reads)."""
+    accepted = "PNG, JPEG or WebP"
+    if formats:
+        accepted = f"{', '.join(formats[:-1])} or {formats[-1]}" if len(formats) > 1 else formats[0]
+    try:
+        image = Image.open(source)
+    except FileNotFoundError:
+        raise InputError(f"{name}: image not found: {source}") from None
+    except Image.DecompressionBombError as e:  # Pillow's own refusal, for sizes far over any sane limit
+        raise LimitError(f"{name}: {e}; the limit is {max_pixels} pixels: scale it down, or raise "
+                         f"{limit_option}") from None
+    except ValueError as e:  # Pillow refuses an oversized text chunk while reading the header
+        raise InputError(f"{name}: cannot read the image ({e}); send a {accepted} file without huge "
+                         "metadata") from None
+    except (OSError, SyntaxError) as e:
+        raise InputError(f"{name}: not a {accepted} image, or a corrupt one ({type(e).__name__})") from None
+    with image:
+        if formats and image.format not in formats:
+            raise InputError(f"{name}: {image.format} images are not accepted; use {accepted}")
+        width, height = image.size
+        if width * height > max_pixels:
+            raise LimitError(f"{name}: {width}x{height} is {width * height} pixels, over the limit of {max_pixels}; "
+                             f"scale it down, or raise {limit_option}")
+        try:
+            image.load()
+            ImageOps.exif_transpose(image, in_place=True)  # a portrait photo stored sideways comes out upright
+        except ValueError as e:  # an oversized text chunk after the pixel data
+            raise InputError(f"{name}: cannot read the image ({e}); send a {accepted} file without huge "
+                             "metadata") from None
+        except (OSError, SyntaxError) as e:
+            raise InputError(f"{name}: cannot decode the image ({e}); it may be truncated or corrupt") from None
+    return image
 
 
 def load_image(source: Union[str, Path, Image.Image, torch.Tensor]) -> torch.Tensor:

@@ -9,7 +9,8 @@ Endpoints (every /v1 route checks the API key when one is set; OpenAPI schema at
 
     POST   /v1/txt2img | /v1/img2img | /v1/variation | /v1/controlnet   JSON in, 202 + job (or ?wait=true: the result)
     GET    /v1/jobs                      recent jobs
-    GET    /v1/jobs/{id}                 status, progress, parameters, image URLs (?include_images=true: base64)
+    GET    /v1/jobs/{id}                 status, progress, parameters, image URLs (?include_images=true: base64);
+                                         a finished job is kept `keep_seconds` (default 600) after it ends
     DELETE /v1/jobs/{id}                 cancel
     GET    /v1/jobs/{id}/images/{i}.png  result PNG (parameters in its text metadata); control/{i}.png, preview.png
     GET    /v1/loras                     LoRA files the server offers (--lora-dir)
@@ -19,6 +20,7 @@ Nothing here imports FastAPI or pydantic at import time, so the command line wor
 """
 
 import argparse
+import asyncio
 import base64
 import binascii
 import collections
@@ -47,11 +49,19 @@ API_KEY_ENV = "STABLECASCADE_API_KEY"
 MODES = ("txt2img", "img2img", "variation", "controlnet")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PROMPT = 4000  # characters; CLIP only reads 77 tokens anyway
+JOB_OVERHEAD_BYTES = 64 * 1024  # a finished job without images: the object, two prompts, its parameters
+WAIT_POLL_SECONDS = 0.05  # how often a ?wait=true request looks at its job
 WEB_EXTRA_HINT = "install the web extra: pip install 'stablecascade[web]'"
+KEY_HINT = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
 class QueueFull(StableCascadeError):
-    """The job queue is full; try again later (HTTP 429)."""
+    """The job queue (or the memory kept for finished jobs' results) is full; try again in `retry_after` seconds
+    (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class _Stop(Exception):
@@ -95,6 +105,11 @@ class Job:
     def done(self) -> bool:
         return self.status in ("done", "failed", "cancelled")
 
+    @property
+    def kept_bytes(self) -> int:
+        """Memory the job holds once finished: its PNGs plus a bound on the object and its request summary."""
+        return JOB_OVERHEAD_BYTES + sum(map(len, self.pngs)) + sum(map(len, self.control_pngs))
+
     def _update(self, **changes):
         with self.changed:
             for k, v in changes.items():
@@ -131,16 +146,21 @@ def side_by_side(images):
 class Worker:
     """Owns the pipeline; runs queued jobs one after another on a single thread.
 
-    `submit` raises `QueueFull` when `max_queue` jobs are already waiting. Finished jobs are kept (the latest
-    `keep_jobs` of them) so their results can be fetched. `extra_parameters` (model names, dtype...) are added to
-    every image's parameters."""
+    `submit` raises `QueueFull` when `max_queue` jobs are already waiting. A finished job is kept `keep_seconds`
+    after it ends, however many jobs follow, so its results can be fetched; memory stays bounded because `submit`
+    also raises `QueueFull` while the kept jobs hold `max_kept_bytes` or more (until the oldest expire).
+    `extra_parameters` (model names, dtype...) are added to every image's parameters."""
 
-    def __init__(self, pipe, *, max_queue: int = 8, keep_jobs: int = 100, default_timeout: float = 600.0,
+    def __init__(self, pipe, *, max_queue: int = 8, keep_seconds: float = 600.0,
+                 max_kept_bytes: int = 1024 * 1024 * 1024, default_timeout: float = 600.0,
                  extra_parameters: Optional[dict] = None):
         if max_queue < 1:
             raise InputError("max_queue must be at least 1")
+        if not keep_seconds > 0 or max_kept_bytes < 1:
+            raise InputError("keep_seconds and max_kept_bytes must be positive")
         self.pipe = pipe
-        self.max_queue, self.keep_jobs, self.default_timeout = max_queue, keep_jobs, default_timeout
+        self.max_queue, self.default_timeout = max_queue, default_timeout
+        self.keep_seconds, self.max_kept_bytes = keep_seconds, max_kept_bytes
         self.extra_parameters = dict(extra_parameters or {})
         self._queue: collections.deque = collections.deque()
         self._jobs: "collections.OrderedDict[str, Job]" = collections.OrderedDict()
@@ -210,18 +230,26 @@ class Worker:
                 raise QueueFull("the server is shutting down")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} jobs waiting); try again later")
+            self._forget_old()
+            kept = sum(j.kept_bytes for j in self._jobs.values() if j.done)
+            if kept >= self.max_kept_bytes:
+                wait = min(j.finished for j in self._jobs.values() if j.done) + self.keep_seconds - time.time()
+                raise QueueFull(f"finished jobs' results fill this server's {self.max_kept_bytes // 2**20} MB "
+                                f"(each is kept {self.keep_seconds:g} s); try again in {wait:.0f} s",
+                                retry_after=max(1, math.ceil(wait)))
             self._queue.append(job)
             self._jobs[job.id] = job
-            self._forget_old()
             self._lock.notify_all()
         return job
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._lock:
+            self._forget_old()
             return self._jobs.get(job_id)
 
     def jobs(self) -> list:
         with self._lock:
+            self._forget_old()
             return list(self._jobs.values())
 
     def position(self, job: Job) -> Optional[int]:
@@ -250,8 +278,9 @@ class Worker:
         return job
 
     def _forget_old(self):
-        finished = [j for j in self._jobs.values() if j.done]
-        for job in finished[:max(0, len(finished) - self.keep_jobs)]:
+        """Drop the jobs that finished more than `keep_seconds` ago (call with the lock held)."""
+        expired = time.time() - self.keep_seconds
+        for job in [j for j in self._jobs.values() if j.done and j.finished < expired]:
             del self._jobs[job.id]
 
     # -------------------------------------------------------------------------------------- the thread
@@ -402,8 +431,9 @@ class ImageDataError(InputError):
 
 def decode_image(data: str, *, max_pixels: int, name: str = "image"):
     """A PIL image from base64 PNG/JPEG/WebP data (a `data:image/...;base64,` prefix is allowed). Images over
-    `max_pixels` are refused (status 413) before their pixels are decoded."""
-    from PIL import Image, UnidentifiedImageError
+    `max_pixels` are refused (status 413) before their pixels are decoded; so are oversized text chunks (400)."""
+    from .errors import LimitError
+    from .images import open_image
 
     if not isinstance(data, str) or not data:
         raise ImageDataError(f"{name}: expected base64-encoded PNG, JPEG or WebP data")
@@ -414,23 +444,41 @@ def decode_image(data: str, *, max_pixels: int, name: str = "image"):
     except (binascii.Error, ValueError):
         raise ImageDataError(f"{name}: not valid base64") from None
     try:
-        image = Image.open(io.BytesIO(raw))
-    except (UnidentifiedImageError, OSError):
-        raise ImageDataError(f"{name}: not a PNG, JPEG or WebP image") from None
-    if image.format not in IMAGE_FORMATS:
-        raise ImageDataError(f"{name}: {image.format} images are not accepted; send PNG, JPEG or WebP")
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageDataError(f"{name}: {width}x{height} is {width * height} pixels, more than this server's limit of "
-                             f"{max_pixels}; scale it down", status=413)
-    try:
-        image.load()
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ImageDataError(f"{name}: cannot decode the image ({e})") from None
-    return image
+        return open_image(io.BytesIO(raw), max_pixels=max_pixels, name=name, formats=IMAGE_FORMATS,
+                          limit_option="the server's --max-pixels")
+    except LimitError as e:
+        raise ImageDataError(str(e), status=413) from None
+    except InputError as e:
+        raise ImageDataError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ request schemas
+def check_json_values(value, where: str = "body") -> None:
+    """Refuse what Python's JSON parser lets through but no request may hold: NaN, Infinity and numbers too large
+    for a float (1e400 parses as infinity), and strings with lone surrogates (they cannot be encoded back)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: NaN, Infinity and numbers beyond 1.8e308 are not accepted; send a finite number")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where}: the text holds a lone surrogate (\\ud800-\\udfff escape); send valid "
+                             "Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_values(key, where)
+            check_json_values(item, f"{where}.{_clip(str(key))}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_values(item, f"{where}[{i}]")
+
+
+def _clip(text: str, limit: int = 64) -> str:
+    """`text` made safe to send back: at most `limit` characters, lone surrogates escaped."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @functools.lru_cache(maxsize=None)
 def schemas():
     """The pydantic request/response models (built on first use so that pydantic stays an optional import)."""
@@ -438,15 +486,25 @@ def schemas():
 
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+    class Request(BaseModel):
+        """A request body: every value finite and valid Unicode (checked on the raw JSON, before the fields)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        @model_validator(mode="before")
+        @classmethod
+        def _finite_and_unicode(cls, data):
+            check_json_values(data)
+            return data
+
     class LoraRef(BaseModel):
         model_config = ConfigDict(extra="forbid")
         name: str = Field(..., min_length=1, max_length=255, description="file name in the server's --lora-dir")
         scale: float = Field(1.0, ge=-4.0, le=4.0)
 
-    class Options(BaseModel):
+    class Options(Request):
         """Settings shared by every mode (see `stablecascade generate --help`)."""
 
-        model_config = ConfigDict(extra="forbid")
         negative_prompt: str = Field("", max_length=MAX_PROMPT, description="what to steer away from")
         width: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8,
                                 description="output width in pixels, a multiple of 8 (default: the model's native "
@@ -484,8 +542,6 @@ def schemas():
             if self.weights is not None and len(self.weights) != len(self.images):
                 raise ValueError(f"got {len(self.weights)} weights for {len(self.images)} images; "
                                  "give one weight per image")
-            if self.weights is not None and not all(math.isfinite(w) for w in self.weights):
-                raise ValueError("weights must be finite numbers")
             return self
 
     class ControlNet(Options):
@@ -522,17 +578,21 @@ def schemas():
 
 
 # ------------------------------------------------------------------------------------------ the ASGI app
-class _BodyLimit:
-    """ASGI middleware answering 413 to request bodies over `limit` bytes: by their Content-Length, or (chunked
-    uploads without one) by reading them up to the limit before the application sees them."""
+class _Gate:
+    """ASGI middleware run before any request body is read: answers 401 to a /v1 request without the API key
+    (`authorized(headers)` says), then 413 to a body over `limit` bytes, by its Content-Length or (chunked uploads
+    without one) by reading it up to the limit before the application sees it."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, authorized: Callable[[dict], bool]):
+        self.app, self.limit, self.authorized = app, limit, authorized
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if scope.get("path", "").startswith("/v1/") and not self.authorized(headers):
+            return await _send_json(send, 401, {"detail": KEY_HINT}, [(b"www-authenticate", b"Bearer")])
+        declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.limit:
                 return await self._reject(send)
@@ -557,37 +617,50 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
     async def _reject(self, send):
-        body = json.dumps({"detail": f"request body over this server's limit of {self.limit} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, {"detail": f"request body over this server's limit of {self.limit} bytes"})
+
+
+async def _send_json(send, status: int, content: dict, headers: tuple = ()) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _safe_errors(errors, limit: int = 20) -> list:
+    """Pydantic's validation errors without the offending input (it may be megabytes, or not encodable as JSON:
+    NaN, lone surrogates), keys and messages clipped, at most `limit` of them."""
+    return [{"loc": [x if isinstance(x, int) else _clip(str(x)) for x in e.get("loc", ())],
+             "msg": _clip(str(e.get("msg", "")), 300), "type": str(e.get("type", ""))} for e in errors[:limit]]
 
 
 def _readable(errors) -> str:
     parts = []
     for e in errors:
-        where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
-        parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        where = ".".join(str(x) for x in e["loc"] if x != "body")
+        parts.append(f"{where}: {e['msg']}" if where else e["msg"])
     return "; ".join(parts)
 
 
 def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[str] = None, max_queue: int = 8,
                max_pixels: int = 2048 * 2048, max_body_bytes: int = 64 * 1024 * 1024,
-               default_timeout: float = 600.0, max_timeout: float = 3600.0, keep_jobs: int = 100,
-               lora_dir=None, extra_parameters: Optional[dict] = None, title: str = "stablecascade"):
+               default_timeout: float = 600.0, max_timeout: float = 3600.0, keep_seconds: float = 600.0,
+               max_kept_bytes: int = 1024 * 1024 * 1024, lora_dir=None, extra_parameters: Optional[dict] = None, title: str = "stablecascade"):
     """The FastAPI application. Give a loaded pipeline (a worker is made, started and stopped with the app) or a
     `Worker` shared with something else (e.g. the web UI; the caller starts and stops it).
 
     `api_key` (default: $STABLECASCADE_API_KEY) is required on every /v1 route as `Authorization: Bearer KEY` or
-    `X-API-Key: KEY`. `max_pixels` bounds input images (413) and outputs (422); `max_body_bytes` the request
-    body (413); `max_timeout` the per-job timeout a request may ask for."""
+    `X-API-Key: KEY`, checked before the body is read. `max_pixels` bounds input images (413) and outputs (422);
+    `max_body_bytes` the request body (413); `max_timeout` the per-job timeout a request may ask for; finished
+    jobs are kept `keep_seconds`, within `max_kept_bytes` (see `Worker`)."""
     import contextlib
 
     from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
-    from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+    from fastapi.security import APIKeyHeader, HTTPBearer
+    from starlette.concurrency import run_in_threadpool
 
     from .pipeline import default_size
 
@@ -595,8 +668,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         raise InputError("create_app needs either a pipeline or a worker")
     own_worker = worker is None
     if own_worker:
-        worker = Worker(pipe, max_queue=max_queue, keep_jobs=keep_jobs, default_timeout=default_timeout,
-                        extra_parameters=extra_parameters)
+        worker = Worker(pipe, max_queue=max_queue, keep_seconds=keep_seconds, max_kept_bytes=max_kept_bytes,
+                        default_timeout=default_timeout, extra_parameters=extra_parameters)
     pipe = worker.pipe
     api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
     lora_root = Path(lora_dir).expanduser().resolve() if lora_dir else None
@@ -617,26 +690,30 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
                   description="Stable Cascade (Würstchen v3) image generation. Jobs run one at a time on one shared "
                               "model; submit, poll /v1/jobs/{id}, fetch PNGs — or add ?wait=true for the result.")
     app.state.worker = worker
-    app.add_middleware(_BodyLimit, limit=max_body_bytes)
+
+    def authorized(headers: dict) -> bool:
+        if api_key is None:
+            return True
+        given = headers.get(b"x-api-key")
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        if given is None and scheme.lower() == b"bearer":
+            given = token.strip()
+        return given is not None and secrets.compare_digest(given, api_key.encode())
+
+    app.add_middleware(_Gate, limit=max_body_bytes, authorized=authorized)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError):
-        errors = jsonable_encoder(exc.errors(), custom_encoder={Exception: str})
+        errors = _safe_errors(exc.errors())
         return JSONResponse(status_code=422, content={"detail": errors, "message": _readable(errors)})
 
     bearer = HTTPBearer(auto_error=False, description="the server's API key")
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the server's API key")
 
-    def check_key(credentials: Optional[HTTPAuthorizationCredentials] = Security(bearer),
-                  header: Optional[str] = Security(key_header)):
-        if api_key is None:
-            return
-        given = header or (credentials.credentials if credentials else None)
-        if given is None or not secrets.compare_digest(given.encode(), api_key.encode()):
-            raise HTTPException(401, "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def key_schemes(_bearer=Security(bearer), _header=Security(key_header)):
+        """Declares the two ways to send the key in the OpenAPI schema; `_Gate` checks it, before the body."""
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(key_schemes)])
 
     # ----------------------------------------------------------------------------------- helpers
     def job_out(job: Job, include_images: bool = False) -> dict:
@@ -657,7 +734,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     def find(job_id: str) -> Job:
         job = worker.get(job_id)
         if job is None:
-            raise HTTPException(404, f"no job {job_id!r} (unknown, or finished long ago and forgotten)")
+            raise HTTPException(404, f"no job {_clip(job_id)!r} (unknown, or finished more than "
+                                     f"{worker.keep_seconds:g} s ago and forgotten)")
         return job
 
     def image(data: str, name: str):
@@ -701,11 +779,22 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return options, summary, dict(timeout=body.timeout, previews=body.previews,
                                       loras=resolve_loras(body.loras))
 
-    def submit(mode: str, kwargs: dict, summary: dict, job_options: dict, wait: bool):
+    async def finished(job: Job, timeout: float) -> bool:
+        """Wait for the job on the event loop, holding no thread: many waiting requests must not use up the
+        thread pool that serves every other request."""
+        deadline = time.monotonic() + timeout
+        while not job.done and time.monotonic() < deadline:
+            await asyncio.sleep(WAIT_POLL_SECONDS)
+        return job.done
+
+    async def submit(mode: str, prepare: Callable[[], tuple], wait: bool):
+        """Run `prepare()` (decoding images: in a thread) for the pipeline arguments, the request summary and the
+        job options; queue the job; answer 202, or with ?wait=true the finished job."""
+        kwargs, summary, job_options = await run_in_threadpool(prepare)
         try:
             job = worker.submit(mode, kwargs, request=summary, **job_options)
         except QueueFull as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
+            raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except UnsupportedError as e:
             raise HTTPException(501, str(e)) from None
         except InputError as e:
@@ -713,15 +802,15 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         location = {"Location": f"/v1/jobs/{job.id}"}
         if not wait:
             return JSONResponse(status_code=202, content=job_out(job), headers=location)
-        finished = job.wait(max(0.0, job.deadline - time.monotonic()) + 60)
         status = 200
-        if not finished:
+        if not await finished(job, max(0.0, job.deadline - time.monotonic()) + 60):
             status = 504
         elif job.status == "cancelled":
             status = 409
         elif job.status == "failed":
             status = {"input": 422, "timeout": 504, "unsupported": 501}.get(job.error["type"], 500)
-        return JSONResponse(status_code=status, content=job_out(job, include_images=True), headers=location)
+        content = await run_in_threadpool(job_out, job, True)
+        return JSONResponse(status_code=status, content=content, headers=location)
 
     wait_query = Query(False, description="wait for the job and return its images as base64")
     responses = {202: {"model": JobOut, "description": "queued (poll the Location)"},
@@ -730,36 +819,44 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
 
     # ----------------------------------------------------------------------------------- routes
     @v1.post("/txt2img", response_model=JobOut, responses=responses, summary="text-to-image")
-    def txt2img(body: Txt2Img, wait: bool = wait_query):
-        options, summary, job_options = common(body, set())
-        return submit("txt2img", options, summary, job_options, wait)
+    async def txt2img(body: Txt2Img, wait: bool = wait_query):
+        return await submit("txt2img", lambda: common(body, set()), wait)
 
     @v1.post("/img2img", response_model=JobOut, responses=responses, summary="image-to-image")
-    def img2img(body: Img2Img, wait: bool = wait_query):
-        picture = image(body.image, "image")
-        options, summary, job_options = common(body, {"image"}, default_size(*picture.size))
-        options["image"] = picture
-        summary["image_size"] = list(picture.size)
-        return submit("img2img", options, summary, job_options, wait)
+    async def img2img(body: Img2Img, wait: bool = wait_query):
+        def prepare():
+            picture = image(body.image, "image")
+            options, summary, job_options = common(body, {"image"}, default_size(*picture.size))
+            options["image"] = picture
+            summary["image_size"] = list(picture.size)
+            return options, summary, job_options
+
+        return await submit("img2img", prepare, wait)
 
     @v1.post("/variation", response_model=JobOut, responses=responses, summary="image variation")
-    def variation(body: Variation, wait: bool = wait_query):
-        pictures = [image(data, f"images[{i}]") for i, data in enumerate(body.images)]
-        options, summary, job_options = common(body, {"images"})
-        options["images"] = pictures
-        summary["image_sizes"] = [list(p.size) for p in pictures]
-        return submit("variation", options, summary, job_options, wait)
+    async def variation(body: Variation, wait: bool = wait_query):
+        def prepare():
+            pictures = [image(data, f"images[{i}]") for i, data in enumerate(body.images)]
+            options, summary, job_options = common(body, {"images"})
+            options["images"] = pictures
+            summary["image_sizes"] = [list(p.size) for p in pictures]
+            return options, summary, job_options
+
+        return await submit("variation", prepare, wait)
 
     @v1.post("/controlnet", response_model=JobOut, responses={**responses, 501: {"description": "not available"}},
              summary=f"ControlNet ({', '.join(controlnets.KINDS)})")
-    def controlnet(body: ControlNet, wait: bool = wait_query):
-        control = image(body.image, "image")
-        mask = image(body.mask, "mask") if body.mask is not None else None
-        options, summary, job_options = common(body, {"image", "mask"}, default_size(*control.size))
-        options.update(control=control, mask=mask)
-        summary["image_size"] = list(control.size)
-        summary["mask"] = mask is not None
-        return submit("controlnet", options, summary, job_options, wait)
+    async def controlnet(body: ControlNet, wait: bool = wait_query):
+        def prepare():
+            control = image(body.image, "image")
+            mask = image(body.mask, "mask") if body.mask is not None else None
+            options, summary, job_options = common(body, {"image", "mask"}, default_size(*control.size))
+            options.update(control=control, mask=mask)
+            summary["image_size"] = list(control.size)
+            summary["mask"] = mask is not None
+            return options, summary, job_options
+
+        return await submit("controlnet", prepare, wait)
 
     @v1.get("/jobs", summary="recent jobs, newest first")
     def list_jobs() -> list[dict]:
@@ -770,11 +867,11 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return job_out(find(job_id), include_images)
 
     @v1.delete("/jobs/{job_id}", response_model=JobOut, summary="cancel a job")
-    def cancel_job(job_id: str):
+    async def cancel_job(job_id: str):
         find(job_id)
         job = worker.cancel(job_id)
         if job.status == "running":  # answer once it has stopped (next sampling step), briefly
-            job.wait(5.0)
+            await finished(job, 5.0)
         return job_out(job)
 
     def png_response(data: bytes) -> Response:
@@ -818,14 +915,15 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     app.include_router(v1)
 
     @app.get("/health", summary="liveness, model and queue")
-    def health() -> dict:
+    async def health() -> dict:  # on the event loop: answers even when every pool thread is busy
         running = worker.running
         return {"status": "ok", "version": _version(), "device": str(getattr(pipe, "device", "")),
                 "dtype": str(getattr(pipe, "dtype", "")).replace("torch.", ""),
                 "queue": {"queued": worker.queued(), "max": worker.max_queue, "running": running is not None},
                 **worker.capabilities().to_dict(), "lora": worker.loras_supported, "auth": api_key is not None,
                 "limits": {"max_pixels": max_pixels, "max_body_bytes": max_body_bytes,
-                           "default_timeout": worker.default_timeout, "max_timeout": max_timeout}}
+                           "default_timeout": worker.default_timeout, "max_timeout": max_timeout,
+                           "keep_seconds": worker.keep_seconds, "max_kept_bytes": worker.max_kept_bytes}}
 
     return app
 
@@ -856,7 +954,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-pixels", type=int, default=2048 * 2048,
                    help="largest input or output image in pixels; bigger inputs get HTTP 413 (default 4194304)")
     g.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MB (default 64)")
-    g.add_argument("--keep-jobs", type=int, default=100, help="finished jobs kept for fetching results (default 100)")
+    g.add_argument("--keep-seconds", type=float, default=600.0,
+                   help="how long a finished job's results stay fetchable, however many jobs follow (default 600)")
+    g.add_argument("--max-kept-mb", type=float, default=1024.0,
+                   help="memory for finished jobs' results; when full, new jobs get HTTP 429 until the oldest "
+                        "expire (default 1024)")
     g.add_argument("--lora-dir", metavar="DIR", help="folder of LoRA .safetensors files requests may name")
 
 
@@ -893,6 +995,7 @@ def main(args, load: Callable) -> int:
     print(f"serving the API on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(pipe, host=args.host, port=args.port, api_key=args.api_key or None, max_queue=args.max_queue,
           default_timeout=args.timeout, max_timeout=args.max_timeout, max_pixels=args.max_pixels,
-          max_body_bytes=int(args.max_body_mb * 1024 * 1024), keep_jobs=args.keep_jobs, lora_dir=args.lora_dir,
+          max_body_bytes=int(args.max_body_mb * 1024 * 1024), keep_seconds=args.keep_seconds,
+          max_kept_bytes=int(args.max_kept_mb * 1024 * 1024), lora_dir=args.lora_dir,
           extra_parameters=model_parameters(args, pipe))
     return 0
