@@ -99,7 +99,7 @@ def test_typing_a_prompt_and_clicking_generate_shows_an_image(ui, browser, tmp_p
 
 
 def test_generate_streams_previews_then_the_gallery(pipe, tmp_path):
-    from stablecascade.server import Worker
+    from stablecascade.jobs import Worker
 
     with Worker(pipe) as worker:
         ui = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
@@ -118,7 +118,7 @@ def test_generate_streams_previews_then_the_gallery(pipe, tmp_path):
 
 
 def test_closing_the_stream_cancels_the_job_and_bad_input_is_reported(pipe, tmp_path):
-    from stablecascade.server import Worker
+    from stablecascade.jobs import Worker
 
     with Worker(pipe) as worker:
         ui = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
@@ -161,7 +161,7 @@ def test_controlnet_and_lora_tabs_run_real_jobs(tiny, small_parts, tmp_path):
     import stablecascade
     import torch
 
-    from stablecascade.server import Worker
+    from stablecascade.jobs import Worker
     from test_server import kohya_lora_file, tiny_canny_controlnet
 
     own = stablecascade.load_pipeline(tiny.prior, tiny.decoder, device="cpu", dtype=torch.float32,

@@ -90,7 +90,7 @@ def build_router(worker, *, check_key: Callable, decode: Callable, model_name: s
         return merged
 
     def run(mode: str, body, kwargs: dict, extra_info: dict):
-        from .server import QueueFull
+        from .jobs import QueueFull
         from .errors import UnsupportedError
 
         s = settings(body)

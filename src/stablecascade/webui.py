@@ -2,9 +2,9 @@
 
 Tabs for text-to-image, image variation, image-to-image, ControlNet and LoRA, each with its advanced settings
 (defaults of the official Gradio app: seed 0 randomised, prior 20 steps at guidance 4, decoder 10 steps; size and
-decoder guidance are the model's own: 1024x1024 and 0 for the released models). Jobs go to the same `server.Worker`
-the HTTP API uses, so one model serves every user: Gradio's queue holds users in line (one generation at a time) and
-the worker owns the GPU. While Stage C runs, the Previewer's picture of the current estimate is streamed; finished
+decoder guidance are the model's own: 1024x1024 and 0 for the released models). Jobs go to the same `jobs.Worker`
+the HTTP API uses, so one model serves every user: the worker's queue holds jobs in line (the status line says how
+many are ahead) and runs one at a time. While Stage C runs, the Previewer's picture of the current estimate is streamed; finished
 images land in a gallery (newest first, captions with their settings, full parameters of the selected image) and are
 saved as PNGs carrying their parameters.
 `--api` serves the HTTP API (/v1, /docs) from the same process and queue.
@@ -22,7 +22,8 @@ from typing import Callable, Optional
 
 from . import controlnets
 from .errors import InputError, StableCascadeError
-from .server import QueueFull, Worker, model_parameters
+from .jobs import QueueFull, Worker
+from .server import model_parameters
 
 MAX_SEED = 2**31 - 1
 DEFAULTS = {  # the official Gradio app's (gradio_app/app.py), decoder guidance unlocked
