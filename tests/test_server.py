@@ -65,6 +65,33 @@ def test_openapi_lists_every_endpoint_and_health_needs_no_key(client):
     assert health["auth"] is False and health["limits"]["max_pixels"] == 256 * 256
 
 
+def test_docs_are_served_offline_with_examples_and_prompt_first(client, pipe):
+    spec = client.get("/openapi.json").json()
+    txt2img = spec["components"]["schemas"]["Txt2Img"]
+    assert list(txt2img["properties"])[0] == "prompt"
+    for path in ("/v1/txt2img", "/v1/img2img"):
+        example = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]["example"]
+        assert example["value"]["width"] == pipe.native_size and example["value"]["prompt"] == \
+            pipe.capabilities().examples[0]
+    assert "/sdapi/v1/txt2img" in spec["paths"] and "/sdapi/v1/progress" in spec["paths"]
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assert "cdn.jsdelivr.net" not in html and "/static-offline-docs/" in html
+    assert client.get("/static-offline-docs/swagger-ui-bundle.js").status_code == 200
+
+
+def test_names_from_diffusers_and_a1111_are_accepted_and_unknown_ones_get_a_suggestion(client):
+    r = client.post("/v1/txt2img?wait=true", json={"prompt": "a fox", "num_inference_steps": 2, "guidance_scale": 3.5,
+                                                    "seed": -1, "width": 64, "height": 64, "decoder_steps": 1})
+    assert r.status_code == 200, r.text
+    params = r.json()["images"][0]["parameters"]
+    assert params["prior_steps"] == 2 and params["prior_guidance"] == 3.5 and isinstance(params["seed"], int)
+    r = client.post("/v1/txt2img", json={"prompt": "a fox", "steps": 2, "prior_steps": 3})
+    assert r.status_code == 422 and "not both" in r.json()["message"]
+    r = client.post("/v1/txt2img", json={"prompt": "a fox", "negative_promt": "x"})
+    assert r.status_code == 422 and "did you mean 'negative_prompt'" in r.json()["message"]
+
+
 def test_txt2img_wait_returns_the_pipelines_images_with_parameters(client, pipe):
     r = client.post("/v1/txt2img?wait=true", json={"prompt": "a red circle", "negative_prompt": "blurry",
                                                     "seed": 5, "num_images_per_prompt": 2, **FAST})
@@ -267,7 +294,7 @@ class StubPipe:
         from stablecascade.capabilities import MODES, Capabilities
 
         return Capabilities(native_size=64, min_size=8, max_size=128, size_step=8, modes=dict.fromkeys(MODES),
-                            controlnets={}, previews=None)
+                            controlnets={}, previews=None, examples=["a red fox"])
 
     def load_lora(self, path, scale=1.0, mode="merge"):
         path = Path(path)

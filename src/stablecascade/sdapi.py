@@ -10,7 +10,6 @@ API key (also accepted as HTTP Basic auth's password, which is how A1111 clients
 limits as /v1. Fields A1111 has and Stable Cascade does not (hires fix, face restoration, scripts) are ignored.
 """
 
-from __future__ import annotations
 
 import base64
 import json
@@ -20,8 +19,7 @@ import time
 from typing import Callable, Optional
 
 from .errors import InputError
-
-A1111_DEFAULT_STEPS = 20
+from .images import infotext, png_bytes
 
 
 def sampler_names() -> dict:
@@ -44,114 +42,97 @@ def resolve_sampler(name: Optional[str], default: str) -> str:
     raise InputError(f"unknown sampler_name {name!r}; use one of {', '.join(labels)} (GET /sdapi/v1/samplers)")
 
 
-def build_router(worker, *, check_key: Callable, decode: Callable, model_name: str, submit_timeout: float = 3600.0):
-    """The /sdapi/v1 routes. `check_key(request)` raises 401 unless the request carries the server's key (as
-    Bearer, X-API-Key or a Basic-auth password); `decode(data, name)` turns base64 image data into a PIL image
-    under the server's limits (raising HTTPException)."""
-    from fastapi import APIRouter, Depends, HTTPException
+def build_router(worker, *, dependencies: list, decode: Callable, check_size: Callable, enqueue: Callable,
+                 finished: Callable, model_name: str):
+    """The /sdapi/v1 routes, behind the /v1 routes' `dependencies` (the key) and helpers of `server.create_app`:
+    `decode(data, name)` (base64 -> PIL image within the limits), `check_size(w, h)`, `enqueue(mode, kwargs,
+    summary)` (-> Job, or the HTTP error) and `await finished(job, timeout)`."""
+    from fastapi import APIRouter, HTTPException
     from pydantic import BaseModel, ConfigDict, Field
+    from starlette.concurrency import run_in_threadpool
 
     from .pipeline import default_size
+    from .server import FAILURE_STATUS
+    from .settings import DEFAULTS
 
     pipe = worker.pipe
-    caps = worker.capabilities()
-    options = {"sd_model_checkpoint": model_name, "decoder_steps": 10, "decoder_cfg_scale": pipe.decoder_guidance,
-               "samples_format": "png"}
+    native = pipe.native_size
+    options = {"sd_model_checkpoint": model_name, "decoder_steps": DEFAULTS.decoder_steps,
+               "decoder_cfg_scale": pipe.decoder_guidance, "samples_format": "png"}
 
     class Txt2ImgRequest(BaseModel):
-        """AUTOMATIC1111's txt2img request; unknown A1111 fields are accepted and ignored."""
+        """AUTOMATIC1111's txt2img request; its other fields are accepted and ignored."""
 
         model_config = ConfigDict(extra="allow")
         prompt: str = Field("", description="what to draw")
         negative_prompt: str = ""
-        steps: int = Field(A1111_DEFAULT_STEPS, ge=1, le=200, description="Stage C steps")
-        cfg_scale: float = Field(4.0, ge=0, le=50, description="Stage C guidance")
-        width: int = Field(caps.native_size, ge=8, le=8192)
-        height: int = Field(caps.native_size, ge=8, le=8192)
-        seed: int = Field(-1, ge=-1, description="-1: random")
+        steps: int = Field(DEFAULTS.prior_steps, ge=1, le=200, description="Stage C steps")
+        cfg_scale: float = Field(DEFAULTS.prior_guidance, ge=0, le=50, description="Stage C guidance")
+        width: int = Field(native, ge=8, le=8192, multiple_of=8)
+        height: int = Field(native, ge=8, le=8192, multiple_of=8)
+        seed: int = Field(-1, ge=-1, le=2**31 - 1, description="-1: random; image i gets seed + i")
         batch_size: int = Field(1, ge=1, le=8)
         n_iter: int = Field(1, ge=1, le=8)
-        sampler_name: Optional[str] = None
-        override_settings: dict = Field(default_factory=dict)
+        sampler_name: Optional[str] = Field(None, description="e.g. \"Euler a\" (GET /sdapi/v1/samplers)")
+        override_settings: dict = Field(default_factory=dict, description="decoder_steps, decoder_cfg_scale")
         send_images: bool = True
 
     class Img2ImgRequest(Txt2ImgRequest):
         init_images: list[str] = Field(..., min_length=1, description="base64 images (the first one is used)")
         denoising_strength: float = Field(0.75, ge=0, le=1)
-        width: Optional[int] = Field(None, ge=8, le=8192)
-        height: Optional[int] = Field(None, ge=8, le=8192)
+        width: Optional[int] = Field(None, ge=8, le=8192, multiple_of=8, description="default: the input's")
+        height: Optional[int] = Field(None, ge=8, le=8192, multiple_of=8)
 
-    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111-compatible"], dependencies=[Depends(check_key)])
+    router = APIRouter(prefix="/sdapi/v1", tags=["AUTOMATIC1111-compatible"], dependencies=dependencies)
 
-    def settings(body) -> dict:
-        merged = {**options, **{k: v for k, v in body.override_settings.items() if k in options}}
-        if merged["sd_model_checkpoint"] != model_name:
+    def prepare(body, kwargs: dict) -> tuple:
+        stage_b = {**options, **{k: v for k, v in body.override_settings.items() if k in options}}
+        if stage_b["sd_model_checkpoint"] != model_name:
             raise HTTPException(422, f"this server serves {model_name!r} only")
-        return merged
-
-    def run(mode: str, body, kwargs: dict, extra_info: dict):
-        from .jobs import QueueFull
-        from .errors import UnsupportedError
-
-        s = settings(body)
-        count = body.batch_size * body.n_iter
+        try:
+            sampler = resolve_sampler(body.sampler_name, DEFAULTS.sampler)
+        except InputError as e:
+            raise HTTPException(422, str(e)) from None
         seed = secrets.randbelow(2**31) if body.seed == -1 else body.seed
-        try:
-            sampling = resolve_sampler(body.sampler_name, default=pipe_default_sampler())
-        except InputError as e:
-            raise HTTPException(422, str(e)) from None
+        check_size(kwargs["width"], kwargs["height"])
         kwargs.update(prompt=body.prompt, negative_prompt=body.negative_prompt, prior_steps=body.steps,
-                      prior_guidance=body.cfg_scale, decoder_steps=int(s["decoder_steps"]),
-                      decoder_guidance=float(s["decoder_cfg_scale"]), num_images_per_prompt=count, seed=seed,
-                      sampling=sampling)
-        request = {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool, type(None)))}
-        try:
-            job = worker.submit(mode, kwargs, request=request)
-        except QueueFull as e:
-            raise HTTPException(429, str(e), headers={"Retry-After": "5"}) from None
-        except UnsupportedError as e:
-            raise HTTPException(501, str(e)) from None
-        except InputError as e:
-            raise HTTPException(422, str(e)) from None
-        job.wait(submit_timeout)
+                      prior_guidance=body.cfg_scale, decoder_steps=int(stage_b["decoder_steps"]),
+                      decoder_guidance=float(stage_b["decoder_cfg_scale"]),
+                      num_images_per_prompt=body.batch_size * body.n_iter, seed=seed, sampling=sampler)
+        return kwargs, {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
+
+    async def run(mode: str, body, kwargs: dict, extra_info: dict) -> dict:
+        kwargs, summary = prepare(body, kwargs)
+        job = enqueue(mode, kwargs, summary)
+        await finished(job, max(0.0, job.deadline - time.monotonic()) + 60)
         if job.status == "failed":
-            status = {"input": 422, "timeout": 504, "unsupported": 501}.get(job.error["type"], 500)
-            raise HTTPException(status, job.error["message"])
+            raise HTTPException(FAILURE_STATUS.get(job.error["type"], 500), job.error["message"])
         params = job.parameters
-        infotexts = [_infotext(p) for p in params]
-        seeds = [p.get("seed", seed) for p in params]
-        info = {"prompt": body.prompt, "all_prompts": [body.prompt] * len(params), "negative_prompt":
-                body.negative_prompt, "all_negative_prompts": [body.negative_prompt] * len(params),
-                "seed": seeds[0] if seeds else seed, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
-                "subseed_strength": 0, "width": kwargs.get("width"), "height": kwargs.get("height"),
-                "sampler_name": _label(sampling), "cfg_scale": body.cfg_scale, "steps": body.steps,
-                "batch_size": body.batch_size, "n_iter": body.n_iter, "sd_model_name": model_name,
-                "decoder_steps": s["decoder_steps"], "decoder_cfg_scale": s["decoder_cfg_scale"],
-                "infotexts": infotexts, "styles": [], "index_of_first_image": 0,
-                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)),
-                "interrupted": job.status == "cancelled", **extra_info}
-        if params:
-            info["width"], info["height"] = params[0].get("width"), params[0].get("height")
+        seeds = [p.get("seed", kwargs["seed"]) for p in params] or [kwargs["seed"]]
+        count = len(params)
+        info = {"prompt": body.prompt, "all_prompts": [body.prompt] * count, "negative_prompt": body.negative_prompt,
+                "all_negative_prompts": [body.negative_prompt] * count, "seed": seeds[0], "all_seeds": seeds,
+                "subseed": -1, "all_subseeds": [-1] * len(seeds), "subseed_strength": 0,
+                "width": kwargs["width"], "height": kwargs["height"], "sampler_name": _label(kwargs["sampling"]),
+                "cfg_scale": body.cfg_scale, "steps": body.steps, "batch_size": body.batch_size,
+                "n_iter": body.n_iter, "sd_model_name": model_name, "decoder_steps": kwargs["decoder_steps"],
+                "decoder_cfg_scale": kwargs["decoder_guidance"], "infotexts": [infotext(p) for p in params],
+                "styles": [], "index_of_first_image": 0, "interrupted": job.status == "cancelled",
+                "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)), **extra_info}
         images = [base64.b64encode(png).decode() for png in job.pngs] if body.send_images else []
-        parameters = body.model_dump(exclude={"init_images"})
-        return {"images": images, "parameters": parameters, "info": json.dumps(info)}
-
-    def pipe_default_sampler() -> str:
-        from .settings import DEFAULTS
-
-        return DEFAULTS.sampler
+        return {"images": images, "parameters": body.model_dump(exclude={"init_images"}), "info": json.dumps(info)}
 
     @router.post("/txt2img", summary="text-to-image (AUTOMATIC1111 fields)")
-    def txt2img(body: Txt2ImgRequest) -> dict:
-        return run("txt2img", body, {"width": body.width, "height": body.height}, {})
+    async def txt2img(body: Txt2ImgRequest) -> dict:
+        return await run("txt2img", body, {"width": body.width, "height": body.height}, {})
 
     @router.post("/img2img", summary="image-to-image (AUTOMATIC1111 fields)")
-    def img2img(body: Img2ImgRequest) -> dict:
-        image = decode(body.init_images[0], "init_images[0]")
+    async def img2img(body: Img2ImgRequest) -> dict:
+        image = await run_in_threadpool(decode, body.init_images[0], "init_images[0]")
         w, h = default_size(*image.size)
         kwargs = {"image": image, "strength": body.denoising_strength, "width": body.width or w,
                   "height": body.height or h}
-        return run("img2img", body, kwargs, {"denoising_strength": body.denoising_strength})
+        return await run("img2img", body, kwargs, {"denoising_strength": body.denoising_strength})
 
     @router.get("/progress", summary="the running job's progress, ETA and latest preview")
     def progress(skip_current_image: bool = False) -> dict:
@@ -166,8 +147,6 @@ def build_router(worker, *, check_key: Callable, decode: Callable, model_name: s
             preview = job.preview
         image = None
         if preview is not None and not skip_current_image:
-            from .images import png_bytes
-
             image = base64.b64encode(png_bytes(preview, {"mode": "preview", **p})).decode()
         return {"progress": p.get("percent", 0.0) / 100, "eta_relative": p.get("eta", 0.0) or 0.0,
                 "current_image": image, "textinfo": p.get("stage"),
@@ -214,9 +193,3 @@ def _label(sampling: str) -> str:
     from .sampling import SAMPLERS
 
     return SAMPLERS[sampling].label
-
-
-def _infotext(parameters: dict) -> str:
-    from .images import infotext
-
-    return infotext(parameters)

@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import binascii
+import difflib
 import functools
 import io
 import json
@@ -42,7 +43,17 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PROMPT = 4000  # characters; CLIP only reads 77 tokens anyway
 WAIT_POLL_SECONDS = 0.05  # how often a ?wait=true request looks at its job
 WEB_EXTRA_HINT = "install the web extra: pip install 'stablecascade[web]'"
-KEY_HINT = "missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+FIELD_ALIASES = {  # diffusers' and AUTOMATIC1111's names -> ours
+    "steps": "prior_steps", "num_inference_steps": "prior_steps", "prior_num_inference_steps": "prior_steps",
+    "guidance_scale": "prior_guidance", "prior_guidance_scale": "prior_guidance", "cfg_scale": "prior_guidance",
+    "decoder_num_inference_steps": "decoder_steps", "decoder_guidance_scale": "decoder_guidance",
+    "num_images": "num_images_per_prompt", "batch_size": "num_images_per_prompt", "sampler": "sampling",
+    "sampler_name": "sampling", "denoising_strength": "strength",
+}
+KEYED_PATHS = ("/v1/", "/sdapi/")  # what the API key guards
+FAILURE_STATUS = {"input": 422, "timeout": 504, "unsupported": 501}  # HTTP status of a failed job, by error type
+KEY_HINT = ("missing or wrong API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY' (or, from an "
+            "AUTOMATIC1111 client, any user name with the key as password)")
 
 
 # ------------------------------------------------------------------------------------------ images in JSON
@@ -104,6 +115,27 @@ def _clip(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def canonical_fields(data, known: set):
+    """A request body with the other tools' names of our settings renamed (`FIELD_ALIASES`), seed -1 dropped (random)
+    and unknown fields refused with the closest known name."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for alias, name in FIELD_ALIASES.items():
+        if alias in data and name in known:
+            if name in data:
+                raise ValueError(f"give {name!r} or its alias {alias!r}, not both")
+            data[name] = data.pop(alias)
+    if data.get("seed") == -1:
+        del data["seed"]
+    for name in data:
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, *FIELD_ALIASES], n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known fields: {', '.join(sorted(known))}"
+            raise ValueError(f"unknown field {_clip(name)!r}{hint}")
+    return data
+
+
 @functools.lru_cache(maxsize=None)
 def schemas():
     """The pydantic request/response models (built on first use so that pydantic stays an optional import)."""
@@ -112,7 +144,9 @@ def schemas():
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
     class Request(BaseModel):
-        """A request body: every value finite and valid Unicode (checked on the raw JSON, before the fields)."""
+        """A request body: every value finite and valid Unicode (checked on the raw JSON, before the fields);
+        diffusers' and AUTOMATIC1111's names of the settings are accepted (`FIELD_ALIASES`), seed -1 means random,
+        and an unknown field is refused naming the closest known one."""
 
         model_config = ConfigDict(extra="forbid")
 
@@ -120,7 +154,7 @@ def schemas():
         @classmethod
         def _finite_and_unicode(cls, data):
             check_json_values(data)
-            return data
+            return canonical_fields(data, set(cls.model_fields))
 
     class LoraRef(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -130,6 +164,7 @@ def schemas():
     class Options(Request):
         """Settings shared by every mode (see `stablecascade generate --help`)."""
 
+        prompt: str = Field("", max_length=MAX_PROMPT, description="what to draw")
         negative_prompt: str = Field("", max_length=MAX_PROMPT, description="what to steer away from")
         width: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8,
                                 description="output width in pixels, a multiple of 8 (default: the model's native "
@@ -141,7 +176,8 @@ def schemas():
         decoder_steps: int = Field(10, ge=1, le=200, description="Stage B sampling steps")
         decoder_guidance: Opt[float] = Field(None, ge=0, le=50, description="Stage B guidance; <= 1 switches it "
                                              "off (default: the model's, 0 for the released models)")
-        seed: Opt[int] = Field(None, ge=0, le=2**63 - 1, description="random seed (default: random, returned)")
+        seed: Opt[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; image i of the request gets "
+                               "seed + i (default, or -1: random; returned)")
         sampling: Literal["official", "diffusers"] = "official"
         compression: float = Field(42.67, ge=8, le=128, description="image pixels per Stage C latent cell")
         previews: bool = Field(False, description="keep a live Stage C preview at /v1/jobs/{id}/preview.png")
@@ -215,7 +251,7 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if scope.get("path", "").startswith("/v1/") and not self.authorized(headers):
+        if scope.get("path", "").startswith(KEYED_PATHS) and not self.authorized(headers):
             return await _send_json(send, 401, {"detail": KEY_HINT}, [(b"www-authenticate", b"Bearer")])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -281,10 +317,11 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     jobs are kept `keep_seconds`, within `max_kept_bytes` (see `Worker`)."""
     import contextlib
 
-    from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Security
+    from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Security
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
     from fastapi.security import APIKeyHeader, HTTPBearer
+    from fastapi_offline import FastAPIOffline
     from starlette.concurrency import run_in_threadpool
 
     from .pipeline import default_size
@@ -311,7 +348,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             if own_worker:
                 worker.stop()
 
-    app = FastAPI(title=f"{title} API", version=_version(), lifespan=lifespan,
+    app = FastAPIOffline(title=f"{title} API", version=_version(), lifespan=lifespan,
                   description="Stable Cascade (Würstchen v3) image generation. Jobs run one at a time on one shared "
                               "model; submit, poll /v1/jobs/{id}, fetch PNGs — or add ?wait=true for the result.")
     app.state.worker = worker
@@ -323,6 +360,11 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
         if given is None and scheme.lower() == b"bearer":
             given = token.strip()
+        elif given is None and scheme.lower() == b"basic":  # AUTOMATIC1111 clients: the key is the password
+            try:
+                given = base64.b64decode(token.strip(), validate=True).partition(b":")[2]
+            except binascii.Error:
+                return False
         return given is not None and secrets.compare_digest(given, api_key.encode())
 
     app.add_middleware(_Gate, limit=max_body_bytes, authorized=authorized)
@@ -384,6 +426,10 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             out.append((path, ref.scale))
         return out
 
+    def check_size(w: int, h: int) -> None:
+        if w * h > max_pixels:
+            raise HTTPException(422, f"{w}x{h} is more than this server's limit of {max_pixels} pixels per image")
+
     def common(body, exclude: set, default_size=None) -> tuple:
         """Pipeline keyword arguments, the JSON summary and the job options of a request. `default_size`: the
         output size when the request gives none (default: the model's native size)."""
@@ -395,9 +441,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             if side in options and options[side] < pipe.min_size:
                 raise HTTPException(422, f"{side}={options[side]} is too small for this model: at least "
                                          f"{pipe.min_size} pixels")
-        w, h = options.get("width", default_size[0]), options.get("height", default_size[1])
-        if w * h > max_pixels:
-            raise HTTPException(422, f"{w}x{h} is more than this server's limit of {max_pixels} pixels per image")
+        check_size(options.get("width", default_size[0]), options.get("height", default_size[1]))
         if body.timeout is not None and body.timeout > max_timeout:
             raise HTTPException(422, f"timeout={body.timeout:g} is over this server's maximum of {max_timeout:g} s")
         summary = body.model_dump(exclude=exclude)
@@ -412,18 +456,22 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
             await asyncio.sleep(WAIT_POLL_SECONDS)
         return job.done
 
-    async def submit(mode: str, prepare: Callable[[], tuple], wait: bool):
-        """Run `prepare()` (decoding images: in a thread) for the pipeline arguments, the request summary and the
-        job options; queue the job; answer 202, or with ?wait=true the finished job."""
-        kwargs, summary, job_options = await run_in_threadpool(prepare)
+    def enqueue(mode: str, kwargs: dict, summary: dict, **job_options) -> Job:
+        """Queue a job; the worker's refusals become 429 (queue full), 501 (not for this model) or 422."""
         try:
-            job = worker.submit(mode, kwargs, request=summary, **job_options)
+            return worker.submit(mode, kwargs, request=summary, **job_options)
         except QueueFull as e:
             raise HTTPException(429, str(e), headers={"Retry-After": str(e.retry_after)}) from None
         except UnsupportedError as e:
             raise HTTPException(501, str(e)) from None
         except InputError as e:
             raise HTTPException(422, str(e)) from None
+
+    async def submit(mode: str, prepare: Callable[[], tuple], wait: bool):
+        """Run `prepare()` (decoding images: in a thread) for the pipeline arguments, the request summary and the
+        job options; queue the job; answer 202, or with ?wait=true the finished job."""
+        kwargs, summary, job_options = await run_in_threadpool(prepare)
+        job = enqueue(mode, kwargs, summary, **job_options)
         location = {"Location": f"/v1/jobs/{job.id}"}
         if not wait:
             return JSONResponse(status_code=202, content=job_out(job), headers=location)
@@ -433,9 +481,22 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         elif job.status == "cancelled":
             status = 409
         elif job.status == "failed":
-            status = {"input": 422, "timeout": 504, "unsupported": 501}.get(job.error["type"], 500)
+            status = FAILURE_STATUS.get(job.error["type"], 500)
         content = await run_in_threadpool(job_out, job, True)
         return JSONResponse(status_code=status, content=content, headers=location)
+
+    caps = worker.capabilities()
+    tiny_png = base64.b64encode(png_bytes(_blank(caps.native_size), {})).decode()
+
+    def examples(mode: str) -> dict:
+        """Request examples for /docs that fit the loaded model (its prompts, its native size)."""
+        body = {"prompt": caps.examples[0], "width": caps.native_size, "height": caps.native_size, "seed": 1}
+        body.update({"img2img": {"image": tiny_png, "strength": 0.6}, "variation": {"images": [tiny_png], "prompt": ""},
+                     "controlnet": {"kind": next((k for k, r in caps.controlnets.items() if r is None), "canny"),
+                                    "image": tiny_png}}.get(mode, {}))
+        note = caps.reason(mode)
+        return {"example": {"summary": f"{mode} with this model" + (f" (not available: {note})" if note else ""),
+                            "value": body}}
 
     wait_query = Query(False, description="wait for the job and return its images as base64")
     responses = {202: {"model": JobOut, "description": "queued (poll the Location)"},
@@ -444,11 +505,11 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
 
     # ----------------------------------------------------------------------------------- routes
     @v1.post("/txt2img", response_model=JobOut, responses=responses, summary="text-to-image")
-    async def txt2img(body: Txt2Img, wait: bool = wait_query):
+    async def txt2img(body: Txt2Img = Body(openapi_examples=examples("txt2img")), wait: bool = wait_query):
         return await submit("txt2img", lambda: common(body, set()), wait)
 
     @v1.post("/img2img", response_model=JobOut, responses=responses, summary="image-to-image")
-    async def img2img(body: Img2Img, wait: bool = wait_query):
+    async def img2img(body: Img2Img = Body(openapi_examples=examples("img2img")), wait: bool = wait_query):
         def prepare():
             picture = image(body.image, "image")
             options, summary, job_options = common(body, {"image"}, default_size(*picture.size))
@@ -459,7 +520,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return await submit("img2img", prepare, wait)
 
     @v1.post("/variation", response_model=JobOut, responses=responses, summary="image variation")
-    async def variation(body: Variation, wait: bool = wait_query):
+    async def variation(body: Variation = Body(openapi_examples=examples("variation")),
+                        wait: bool = wait_query):
         def prepare():
             pictures = [image(data, f"images[{i}]") for i, data in enumerate(body.images)]
             options, summary, job_options = common(body, {"images"})
@@ -471,7 +533,8 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
 
     @v1.post("/controlnet", response_model=JobOut, responses={**responses, 501: {"description": "not available"}},
              summary=f"ControlNet ({', '.join(controlnets.KINDS)})")
-    async def controlnet(body: ControlNet, wait: bool = wait_query):
+    async def controlnet(body: ControlNet = Body(openapi_examples=examples("controlnet")),
+                         wait: bool = wait_query):
         def prepare():
             control = image(body.image, "image")
             mask = image(body.mask, "mask") if body.mask is not None else None
@@ -538,6 +601,11 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         return {"available": worker.loras_supported, "loras": files}
 
     app.include_router(v1)
+    from .sdapi import build_router
+
+    app.include_router(build_router(worker, dependencies=[Depends(key_schemes)], decode=image, check_size=check_size,
+                                    enqueue=enqueue, finished=finished,
+                                    model_name=str((extra_parameters or {}).get("prior") or title)))
 
     @app.get("/health", summary="liveness, model and queue")
     async def health() -> dict:  # on the event loop: answers even when every pool thread is busy
@@ -551,6 +619,13 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
                            "keep_seconds": worker.keep_seconds, "max_kept_bytes": worker.max_kept_bytes}}
 
     return app
+
+
+def _blank(size: int):
+    """A plain grey picture: the image of the request examples."""
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (128, 128, 128))
 
 
 def _version() -> str:
