@@ -419,3 +419,28 @@ def test_real_lora_changes_the_image_and_unloading_restores_it(own_pipe, tmp_pat
         assert own_pipe.loras == {}  # nothing half-merged is left behind
         again = c.post("/v1/txt2img?wait=true", json=request).json()["images"][0]
         assert decode(again["base64"]).tobytes() == decode(plain["base64"]).tobytes()
+
+
+def test_event_stream_reports_progress_with_totals_and_preview_frames(client):
+    r = client.post("/v1/txt2img", json={"prompt": "a fox", **FAST, "prior_steps": 3, "decoder_steps": 2,
+                                         "previews": True})
+    job_id = r.json()["id"]
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        name = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("data:"):
+                events.append((name, line.split(":", 1)[1].strip()))
+    names = [n for n, _ in events]
+    assert names[-1] == "done" and json.loads(events[-1][1])["images"][0]["url"].endswith("/images/0.png")
+    steps = [json.loads(d) for n, d in events if n == "progress"]
+    prior = [e for e in steps if e.get("stage") == "prior"]
+    decoder = [e for e in steps if e.get("stage") == "decoder"]
+    assert prior[-1]["step"] == prior[-1]["total"] == 3 and decoder[-1]["step"] == decoder[-1]["total"] == 2
+    percents = [e["percent"] for e in prior + decoder]
+    assert percents == sorted(percents) and percents[-1] == 100 and all("eta" in e for e in prior + decoder)
+    frames = [Image.open(io.BytesIO(base64.b64decode(d))) for n, d in events if n == "preview"]
+    assert frames and frames[-1].format == "PNG"

@@ -39,10 +39,25 @@ def free_port() -> int:
 def ui(pipe, tmp_path_factory):
     out = tmp_path_factory.mktemp("ui-out")
     port = free_port()
-    demo = webui.launch(pipe, port=port, out_dir=out, defaults=SMALL, block=False, quiet=True,
+    demo = webui.launch(pipe, port=port, out_dir=out, defaults=SMALL, block=False, quiet=True, api=True,
                         extra_parameters={"prior": "tiny", "decoder": "tiny", "dtype": "float32"})
     yield demo, f"http://127.0.0.1:{port}/", out
     webui.close(demo)
+
+
+def local_only(page, url: str) -> list:
+    """Make the page fail every request that leaves the server (the app must work offline); returns them."""
+    outside = []
+
+    def route(r):
+        if r.request.url.startswith(url.rstrip("/")):
+            r.continue_()
+        else:
+            outside.append(r.request.url)
+            r.abort()
+
+    page.route("**/*", route)
+    return outside
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +199,47 @@ def test_controlnet_and_lora_tabs_run_real_jobs(tiny, small_parts, tmp_path):
         final = list(ui._generate(ui._lora, lora, [], "seed-box", None))[-1]
         assert final[ui._gallery_box][0][1].endswith("LoRA style.safetensors@0.8")
         assert final[ui._details_box]["loras"] == [{"path": "style.safetensors", "scale": 0.8}]
+
+
+def test_an_error_keeps_earlier_results_and_tabs_the_model_cannot_run_are_disabled(ui, browser, pipe, tmp_path):
+    demo, url, out = ui
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    outside = local_only(page, url)
+    page.goto(url)
+    page.wait_for_selector("#txt2img-prompt textarea", timeout=30_000)
+    # the tiny test model fits none of the released ControlNets: its tab is disabled and the reason is shown
+    reason = pipe.capabilities().reason("controlnet")
+    assert reason and page.get_by_role("tab", name="ControlNet").is_disabled()
+    assert not page.get_by_role("tab", name="Text to image").is_disabled()
+    assert "ControlNet" in page.inner_text("#unavailable") and "3.6B Stage C" in page.inner_text("#unavailable")
+    page.fill("#txt2img-prompt textarea", "a red door")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('Done')", timeout=60_000)
+    shown = page.inner_text("#parameters")
+    page.fill("#txt2img-prompt textarea", "   ")
+    page.click("#txt2img-generate")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('type a prompt first')",
+                           timeout=30_000)
+    # the gallery, the parameters and the seed still show the earlier results, with no error badge on them
+    assert page.query_selector("#gallery img") is not None and page.inner_text("#parameters") == shown
+    for box in ("#gallery", "#parameters", "#preview"):
+        assert "Error" not in page.inner_text(box), box
+    assert page.locator(".error").count() == 0  # Gradio's red error badges over the outputs
+    page.screenshot(path=str(tmp_path / "error-keeps-results.png"), full_page=True)
+    assert outside == []
+    page.close()
+
+
+def test_api_docs_render_offline_in_the_browser(ui, browser):
+    demo, url, out = ui
+    page = browser.new_page()
+    outside = local_only(page, url)
+    page.goto(url + "docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    assert "stablecascade API" in page.inner_text(".swagger-ui .info .title")
+    page.get_by_text("/sdapi/v1/txt2img", exact=True).first.wait_for(timeout=10_000)
+    page.goto(url + "redoc")
+    page.get_by_text("/v1/txt2img", exact=True).first.wait_for(timeout=30_000)
+    # ReDoc asks for a web font and its own logo from the internet, and renders without them; nothing else leaves
+    assert [u for u in outside if not u.startswith(("https://fonts.googleapis.com/", "https://cdn.redoc.ly/"))] == []
+    page.close()

@@ -7,7 +7,9 @@ Endpoints (every /v1 route checks the API key when one is set; OpenAPI schema at
     GET    /v1/jobs/{id}                 status, progress, parameters, image URLs (?include_images=true: base64);
                                          a finished job is kept `keep_seconds` (default 600) after it ends
     DELETE /v1/jobs/{id}                 cancel
+    GET    /v1/jobs/{id}/events          Server-Sent Events: progress (percent, ETA) and preview frames
     GET    /v1/jobs/{id}/images/{i}.png  result PNG (parameters in its text metadata); control/{i}.png, preview.png
+    POST   /sdapi/v1/...                 the AUTOMATIC1111-compatible API (`sdapi.py`)
     GET    /v1/loras                     LoRA files the server offers (--lora-dir)
     GET    /health                       liveness, device and queue (no key needed)
 
@@ -594,6 +596,35 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
         if data is None:
             raise HTTPException(404, "no preview yet (ask for one with \"previews\": true)")
         return png_response(data)
+
+    @v1.get("/jobs/{job_id}/events", summary="Server-Sent Events: progress and preview frames until the job ends",
+            response_class=Response, responses={200: {"content": {"text/event-stream": {}}}})
+    async def job_events(job_id: str):
+        """`progress` events (status, stage, step, total, percent, ETA, queue position) whenever the job changes,
+        `preview` events (the Previewer's picture as base64 PNG) when a new one is made, then one `done`, `failed`
+        or `cancelled` event carrying the job as GET /v1/jobs/{id} returns it."""
+        from sse_starlette.sse import EventSourceResponse
+
+        job = find(job_id)
+
+        async def stream():
+            version, preview = -1, None
+            while True:
+                if job.version != version or job.done:
+                    version = job.version
+                    yield {"event": "progress", "data": json.dumps({"status": job.status,
+                                                                    "queue_position": worker.position(job),
+                                                                    **job.progress})}
+                    if job.preview is not None and job.preview is not preview:
+                        preview = job.preview
+                        data = await run_in_threadpool(png_bytes, preview, {"mode": "preview", **job.progress})
+                        yield {"event": "preview", "data": base64.b64encode(data).decode()}
+                    if job.done:
+                        yield {"event": job.status, "data": json.dumps(await run_in_threadpool(job_out, job))}
+                        return
+                await asyncio.sleep(WAIT_POLL_SECONDS)
+
+        return EventSourceResponse(stream(), ping=15)
 
     @v1.get("/loras", summary="LoRA files offered by this server")
     def list_loras() -> dict:
