@@ -9,6 +9,7 @@ from sd_parsers import ParserManager
 import stablecascade
 from stablecascade.errors import InputError
 from stablecascade.images import infotext, png_bytes, read_parameters
+from stablecascade.sampling import SAMPLERS
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_images_saved_by_the_user_carry_infotext_that_sd_parsers_reads(nano, tmp
     assert info.generator.value == "AUTOMATIC1111"
     assert info.full_prompt == prompt and info.full_negative_prompt == negative  # the comma and colon survive
     sampler = info.samplers[0]
-    assert sampler.name == images[0].info["parameters"]["sampling"]
+    assert sampler.name == SAMPLERS[images[0].info["parameters"]["sampling"]].label
     assert sampler.parameters["seed"] == "11" and sampler.parameters["steps"] == "3"
     assert sampler.parameters["cfg_scale"] == "3.5"
     assert info.metadata["Size"] == "64x64" and info.metadata["Decoder steps"] == "2"
@@ -41,10 +42,10 @@ def test_images_saved_by_the_user_carry_infotext_that_sd_parsers_reads(nano, tmp
 def test_infotext_of_every_mode_and_bytes_for_the_api():
     params = {"prompt": "a cat\nin a hat", "negative_prompt": "", "prior_steps": 20, "prior_guidance": 4.0,
               "decoder_steps": 10, "decoder_guidance": 1.1, "seed": 3, "width": 1024, "height": 768,
-              "sampling": "official", "mode": "image-to-image", "strength": 0.6, "prior": "models/stage_c.safetensors"}
+              "sampling": "euler_a", "mode": "image-to-image", "strength": 0.6, "prior": "models/stage_c.safetensors"}
     text = infotext(params)
     assert "Negative prompt" not in text  # empty negatives are left out, as AUTOMATIC1111 does
-    assert text.splitlines()[-1] == ("Steps: 20, Sampler: official, CFG scale: 4, Seed: 3, Size: 1024x768, "
+    assert text.splitlines()[-1] == ("Steps: 20, Sampler: Euler a, CFG scale: 4, Seed: 3, Size: 1024x768, "
                                      "Model: models/stage_c.safetensors, Denoising strength: 0.6, Decoder steps: 10, "
                                      "Decoder CFG: 1.1, Mode: image-to-image")
     import io

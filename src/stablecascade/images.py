@@ -26,10 +26,13 @@ def infotext(parameters: dict) -> str:
     """AUTOMATIC1111's "infotext" of the parameters: the prompt, a "Negative prompt:" line and one line of
     "Key: value" pairs, which A1111's PNG Info, image browsers and sd-parsers read from the `parameters` chunk.
     Stable Cascade's two stages map onto it as: Steps / CFG scale = Stage C (the prior), "Decoder steps" /
-    "Decoder CFG" = Stage B; Model is the prior's name."""
+    "Decoder CFG" = Stage B; Sampler is the sampler's A1111 name ("Euler a"); Model is the prior's name."""
+    from .sampling import SAMPLERS
+
+    sampler = parameters.get("sampling")
     fields = {
         "Steps": parameters.get("prior_steps"),
-        "Sampler": parameters.get("sampler_label") or parameters.get("sampling"),
+        "Sampler": SAMPLERS[sampler].label if sampler in SAMPLERS else sampler,
         "CFG scale": parameters.get("prior_guidance"),
         "Seed": parameters.get("seed"),
         "Size": f"{parameters['width']}x{parameters['height']}" if "width" in parameters else None,

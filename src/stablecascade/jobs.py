@@ -35,7 +35,7 @@ class QueueFull(StableCascadeError):
 
 
 class _Stop(Exception):
-    """Raised inside the sampling loop (from a forward pre-hook) to stop a cancelled or timed-out job."""
+    """Raised inside the sampling loop (from the step callback) to stop a cancelled or timed-out job."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -281,22 +281,25 @@ class Worker:
         if time.monotonic() > job.deadline:
             raise _Stop("timeout")
 
-    def _hooks(self, job: Job) -> list:
-        """Forward pre-hooks on Stage C and Stage B: one model call per sampling step (guidance is batched), so
-        they count steps and stop a cancelled or timed-out job between steps."""
-        handles = []
-        for stage, name in (("prior", "stage_c"), ("decoder", "stage_b")):
-            module = getattr(self.pipe, name, None)
-            if module is None or not hasattr(module, "register_forward_pre_hook"):
-                continue
+    def _step_callback(self, job: Job):
+        """Called by the pipeline after every sampling step (a `sampling.StepEvent`): progress with the overall
+        percent and an ETA from the pace so far; a cancelled or timed-out job stops here."""
+        decoder_total = int(job.kwargs.get("decoder_steps", 0))
+        prior_total = [int(job.kwargs.get("prior_steps", 0))]  # the first prior event gives the real count
 
-            def hook(_module, _args, stage=stage):
-                self._check(job)
-                step = job.progress.get("step", 0) + 1 if job.progress.get("stage") == stage else 1
-                job._update(progress={"stage": stage, "step": step})
+        def on_step(event):
+            self._check(job)
+            if event.stage == "prior":
+                prior_total[0] = event.total
+                done, total = event.step, event.total + decoder_total
+            else:
+                done, total = prior_total[0] + event.step, prior_total[0] + event.total
+            elapsed = time.time() - (job.started or time.time())
+            job._update(progress={"stage": event.stage, "step": event.step, "total": event.total,
+                                  "percent": round(100 * done / max(total, 1), 1),
+                                  "eta": round(elapsed * (total - done) / done, 2) if done else None})
 
-            handles.append(module.register_forward_pre_hook(hook))
-        return handles
+        return on_step
 
     def _apply_loras(self, wanted: tuple):
         """Make the merged LoRAs exactly `wanted` ((path, scale) pairs); unloading restores the base weights."""
@@ -336,15 +339,13 @@ class Worker:
                         error={"type": "timeout", "message": f"timed out after {job.timeout:g} s in the queue"})
             return
         job._update(status="running", started=time.time())
-        handles = []
         try:
             if job.loras or self._loras:
                 self._apply_loras(job.loras)
-            kwargs = dict(job.kwargs, progress=False)
+            kwargs = dict(job.kwargs, progress=False, step_callback=self._step_callback(job))
             callback = self._preview_callback(job)
             if callback is not None:
                 kwargs["preview_callback"] = callback
-            handles = self._hooks(job)
             control = []
             if job.mode == "txt2img":
                 images = self.pipe(**kwargs)
@@ -375,9 +376,6 @@ class Worker:
             job._update(status="failed", finished=time.time(),
                         error={"type": "internal", "message": f"{type(e).__name__}: {e}"})
             return
-        finally:
-            for handle in handles:
-                handle.remove()
         lora_info = [{"path": Path(p).name, "scale": s} for p, s in job.loras]
         parameters = []
         for image in images:

@@ -145,6 +145,9 @@ def schemas():
 
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+    from .sampling import SAMPLERS
+    from .settings import DEFAULTS
+
     class Request(BaseModel):
         """A request body: every value finite and valid Unicode (checked on the raw JSON, before the fields);
         diffusers' and AUTOMATIC1111's names of the settings are accepted (`FIELD_ALIASES`), seed -1 means random,
@@ -172,16 +175,20 @@ def schemas():
                                 description="output width in pixels, a multiple of 8 (default: the model's native "
                                             "size, 1024 for the released models, or from the input image)")
         height: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8, description="output height, like width")
-        num_images_per_prompt: int = Field(1, ge=1, le=8)
-        prior_steps: int = Field(20, ge=1, le=200, description="Stage C sampling steps")
-        prior_guidance: float = Field(4.0, ge=0, le=50, description="Stage C classifier-free guidance")
-        decoder_steps: int = Field(10, ge=1, le=200, description="Stage B sampling steps")
+        num_images_per_prompt: int = Field(DEFAULTS.num_images, ge=1, le=8)
+        prior_steps: int = Field(DEFAULTS.prior_steps, ge=1, le=200, description="Stage C sampling steps")
+        prior_guidance: float = Field(DEFAULTS.prior_guidance, ge=0, le=50,
+                                      description="Stage C classifier-free guidance")
+        decoder_steps: int = Field(DEFAULTS.decoder_steps, ge=1, le=200, description="Stage B sampling steps")
         decoder_guidance: Opt[float] = Field(None, ge=0, le=50, description="Stage B guidance; <= 1 switches it "
-                                             "off (default: the model's, 0 for the released models)")
+                                             "off (default: the model's with the GDF samplers, 1.1 for the "
+                                             "released models; 0 with 'diffusers')")
         seed: Opt[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; image i of the request gets "
                                "seed + i (default, or -1: random; returned)")
-        sampling: Literal["official", "diffusers"] = "official"
-        compression: float = Field(42.67, ge=8, le=128, description="image pixels per Stage C latent cell")
+        sampling: Literal[tuple(SAMPLERS)] = Field(DEFAULTS.sampler, description="the sampler (GET /sdapi/v1/samplers "
+                                                   "lists their AUTOMATIC1111 names)")
+        compression: float = Field(DEFAULTS.compression, ge=8, le=128,
+                                   description="image pixels per Stage C latent cell")
         previews: bool = Field(False, description="keep a live Stage C preview at /v1/jobs/{id}/preview.png")
         timeout: Opt[float] = Field(None, gt=0, description="seconds from submission before the job is stopped "
                                                             "(default and maximum set by the server)")

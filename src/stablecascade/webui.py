@@ -24,11 +24,13 @@ from . import controlnets
 from .errors import InputError, StableCascadeError
 from .jobs import QueueFull, Worker
 from .server import model_parameters
+from .settings import DEFAULTS as SETTINGS
 
 MAX_SEED = 2**31 - 1
-DEFAULTS = {  # the official Gradio app's (gradio_app/app.py), decoder guidance unlocked
-    "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
-    "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
+DEFAULTS = {  # the official Gradio app's (gradio_app/app.py), decoder guidance unlocked; the rest from settings
+    "num_images": 2, "prior_steps": SETTINGS.prior_steps, "prior_guidance": SETTINGS.prior_guidance,
+    "decoder_steps": SETTINGS.decoder_steps, "seed": 0, "randomize_seed": True, "sampling": SETTINGS.sampler,
+    "compression": SETTINGS.compression,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
 STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
@@ -91,6 +93,8 @@ class WebUI:
 
     # ----------------------------------------------------------------------------------------- layout
     def _advanced(self, gr, tab: str, size_from_input: bool = False) -> dict:
+        from .sampling import SAMPLERS
+
         d, caps = self.defaults, self.caps
         lo, hi = caps.min_size, max(caps.max_size, d["width"], d["height"])
         step = 64 if lo % 64 == 0 and hi % 64 == 0 else caps.size_step
@@ -120,7 +124,7 @@ class WebUI:
             with gr.Row():
                 c["compression"] = gr.Slider(16, 64, value=d["compression"], step=0.01,
                                              label="Compression (lower: more detail, slower)")
-                c["sampling"] = gr.Radio(["official", "diffusers"], value=d["sampling"], label="Sampler")
+                c["sampling"] = gr.Radio(list(SAMPLERS), value=d["sampling"], label="Sampler")
             c["previews"] = gr.Checkbox(label="Live previews (Stage C)", value=d["previews"])
         return c
 
@@ -304,8 +308,8 @@ class WebUI:
         stage = job.progress.get("stage")
         if stage is None:
             return "Encoding the prompt…"
-        step = job.progress.get("step", 0)
-        of = f" / {total[stage]}" if total.get(stage) else ""
+        step, steps = job.progress.get("step", 0), job.progress.get("total") or total.get(stage)
+        of = f" / {steps}" if steps else ""
         return f"{STAGE_NAMES[stage]} step {step}{of}…"
 
     def _error(self, message: str) -> dict:
