@@ -82,8 +82,8 @@ def test_webuiapi_txt2img_and_img2img_round_trips(served):
     assert result.info["infotexts"][0] == result.images[0].info["parameters"]
 
     edited = api.img2img(images=[result.image], prompt="a red circle at the top on a blue background",
-                         denoising_strength=0.5, seed=3, steps=4, cfg_scale=3)
-    assert len(edited.images) == 1 and edited.image.size == (64, 64)  # the input's size
+                         denoising_strength=0.5, seed=3, steps=4, cfg_scale=3, width=64, height=64)
+    assert len(edited.images) == 1 and edited.image.size == (64, 64)
     parsed = infotext_of(edited.image)
     assert parsed["prompt"] == "a red circle at the top on a blue background" and parsed["seed"] == "3"
     assert parsed["steps"] == "4" and parsed["Denoising strength"] == "0.5"

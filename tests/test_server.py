@@ -124,7 +124,7 @@ def test_async_job_lifecycle(client):
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     done = wait_for(client, job["id"])
     assert done["status"] == "done" and done["started"] >= done["created"] and done["finished"] >= done["started"]
-    assert done["progress"] == {"stage": "decoder", "step": 1, "total": 1}
+    assert done["progress"] == {"stage": "decoder", "step": 1, "total": 1, "percent": 100.0, "eta": 0.0}
     assert done["images"][0]["base64"] is None and done["images"][0]["parameters"]["seed"] == 1
     embedded = client.get(f"/v1/jobs/{job['id']}?include_images=true").json()["images"][0]["base64"]
     assert decode(embedded).size == (64, 64)
