@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, diffusion, hub
+from . import checkpoints, diffusion, hub, limits
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
@@ -556,6 +556,8 @@ class StableCascadePipeline:
             raise InputError(f"tiled_decode must be None (automatic), True or False, got {tiled_decode!r}")
         if output_type not in ("pil", "pt"):
             raise InputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        limits.current().check_generation(width=width, height=height, images=len(prompts) * num_images_per_prompt,
+                                          steps={"prior_steps": prior_steps, "decoder_steps": decoder_steps}, seed=seed)
         if generator is None:
             seed = secrets.randbelow(2**31) if seed is None else int(seed)
             generator = torch.Generator().manual_seed(seed)
