@@ -3,20 +3,30 @@ never a traceback, a 5xx, unbounded memory or lost work. Runs on the built-in na
 
 import contextlib
 import io
+import os
 import socket
 import struct
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 import zlib
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import stablecascade
-from stablecascade import server
+from stablecascade import limits, server
+from stablecascade.cli import main
+from stablecascade.errors import InputError, LimitError
+from stablecascade.images import load_image
+from stablecascade.limits import Limits
 
 TINY = {"width": 64, "height": 64, "prior_steps": 1, "decoder_steps": 1}
 SLOW = {"width": 64, "height": 64, "prior_steps": 200, "decoder_steps": 1}  # runs until cancelled
@@ -201,3 +211,153 @@ def test_memory_for_kept_results_is_bounded_by_refusing_new_jobs(nano):
         r = c.post("/v1/txt2img", json={"prompt": "b", **TINY})
         assert r.status_code == 429 and "results fill" in r.json()["detail"], r.text
         assert 1 <= int(r.headers["retry-after"]) <= 30
+
+
+# ------------------------------------------------------------------------------------------ command line
+def run_cli(argv, capsys) -> tuple:
+    """stablecascade.cli.main in this process: (exit code, stderr)."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_line_error(code, err, needle):
+    assert code == 2, err
+    assert needle in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--width", "1e9"], "invalid int value: '1e9'"),
+    (["--seed", "2**64"], "invalid int value: '2**64'"),
+    (["--seed", str(2**64)], "seed 18446744073709551616 is out of range"),
+    (["--seed", "-1"], "out of range"),
+    (["--width", "100000", "--height", "64"], "raise the limit with --max-pixels"),
+    (["--width", "65536", "--height", "65536"], "raise the limit with --max-pixels"),
+    (["--num-images", "10000"], "raise the limit with --max-images"),
+    (["--steps", "100000"], "raise the limit with --max-steps"),
+    (["--decoder-steps", "2000000000"], "raise the limit with --max-steps"),
+    (["--max-pixels", "0"], "--max-pixels must be a whole number >= 1"),
+    # a raised limit lets the size through: the next limit speaks
+    (["--width", "4096", "--height", "4096", "--max-pixels", str(4096 * 4096), "--steps", "501"], "--max-steps"),
+])
+def test_cli_refuses_what_is_over_the_limits_in_one_line_before_loading(argv, needle, tmp_path, capsys):
+    one_line_error(*run_cli(["generate", "a red circle", *argv, "--out", str(tmp_path)], capsys), needle)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_refuses_image_bombs_and_bad_inputs_before_loading(tmp_path, capsys):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(12000, 12000))
+    assert bomb.stat().st_size < 100_000
+    out = str(tmp_path / "out")
+    one_line_error(*run_cli(["img2img", str(bomb), "x", "--out", out], capsys), "raise --max-input-pixels")
+    one_line_error(*run_cli(["reconstruct", str(bomb), "--out", out], capsys), "12000x12000")
+    text_bomb = tmp_path / "ztxt.png"
+    text_bomb.write_bytes(png_with_ztxt(50))
+    one_line_error(*run_cli(["variation", str(text_bomb), "--out", out], capsys), "metadata")
+    truncated = tmp_path / "cut.png"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), "red").save(buffer, format="PNG")
+    truncated.write_bytes(buffer.getvalue()[:60])
+    one_line_error(*run_cli(["controlnet", "x", "--kind", "canny", "--control", str(truncated), "--out", out],
+                            capsys), "cut.png")
+
+
+def test_cli_checks_out_and_previews_before_loading(tmp_path, capsys):
+    a_file = tmp_path / "taken.png"
+    a_file.write_bytes(b"not a folder")
+    for option, folder, needle in (("--out", a_file, "is a file"), ("--out", a_file / "sub", "cannot hold"),
+                                   ("--previews", a_file, "is a file")):
+        one_line_error(*run_cli(["generate", "x", option, str(folder)], capsys), f"{option} {folder}")
+    assert a_file.read_bytes() == b"not a folder"
+
+
+# ------------------------------------------------------------------------------------------ images
+def test_exif_orientation_is_applied_when_reading(tmp_path):
+    stored = Image.new("RGB", (8, 4), "blue")
+    stored.paste((255, 0, 0), (0, 0, 4, 4))  # left half red, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: display rotated 90 degrees clockwise (a portrait phone photo)
+    path = tmp_path / "portrait.png"
+    stored.save(path, exif=exif)
+    image = load_image(path)
+    assert image.shape == (3, 8, 4)  # upright: portrait
+    assert torch.equal(image[:, :4], torch.tensor([1.0, 0, 0])[:, None, None].expand(3, 4, 4))  # red on top
+    assert torch.equal(image[:, 4:], torch.tensor([0, 0, 1.0])[:, None, None].expand(3, 4, 4))
+
+
+def test_input_limit_holds_for_paths_pil_images_and_tensors(tmp_path):
+    small = Limits(max_input_pixels=100)
+    previous = limits.current()
+    limits.set_current(small)
+    try:
+        Image.new("RGB", (10, 10)).save(tmp_path / "ok.png")
+        assert load_image(tmp_path / "ok.png").shape == (3, 10, 10)
+        for source in (Image.new("RGB", (11, 10)), torch.zeros(3, 10, 11)):
+            with pytest.raises(LimitError, match="110 pixels, over the limit of 100.*--max-input-pixels"):
+                load_image(source)
+    finally:
+        limits.set_current(previous)
+
+
+def run_memory_bounded(imports: str, code: str) -> str:
+    """Run `code` in a fresh Python whose address space may grow at most 1 GiB past `imports`; its stdout."""
+    src = str(Path(stablecascade.__file__).resolve().parents[1])
+    program = textwrap.dedent("""
+        import resource
+        {imports}
+        from stablecascade.errors import StableCascadeError
+        size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
+        try:
+            {code}
+        except StableCascadeError as e:
+            print(type(e).__name__, e)
+        """).format(imports=imports, code=code)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_a_17_kb_png_of_12000x12000_pixels_stays_within_memory(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(12000, 12000))  # would be 1.7 GB as float pixels
+    out = run_memory_bounded("from stablecascade import images", f"images.load_image({str(bomb)!r})")
+    assert out.startswith("LimitError") and "12000x12000" in out, out
+
+
+# ------------------------------------------------------------------------------------------ pure validators
+@given(width=st.integers(1, 10**12), height=st.integers(1, 10**12), max_pixels=st.integers(1, 10**13))
+def test_size_limit_property(width, height, max_pixels):
+    rule = Limits(max_pixels=max_pixels)
+    if width * height <= max_pixels:
+        rule.check_output(width, height)
+    else:
+        with pytest.raises(LimitError, match=f"{width}x{height}.*--max-pixels"):
+            rule.check_output(width, height)
+
+
+@given(images=st.integers(1, 10**6), steps=st.integers(1, 10**9), seed=st.one_of(st.none(), st.integers(-2**70, 2**70)))
+def test_generation_limits_property(images, steps, seed):
+    rule = Limits()
+    over = images > rule.max_images or steps > rule.max_steps
+    bad_seed = seed is not None and not 0 <= seed <= 2**64 - images
+    try:
+        rule.check_generation(width=64, height=64, images=images, steps={"prior_steps": steps}, seed=seed)
+    except LimitError as e:
+        assert over and ("--max-images" in str(e) or "--max-steps" in str(e))
+    except InputError as e:
+        assert bad_seed and not over and "seed" in str(e)
+    else:
+        assert not over and not bad_seed
+
+
+@settings(max_examples=50)
+@given(st.one_of(st.floats(), st.text(), st.booleans(), st.integers(-5, 0)))
+def test_limits_refuse_values_that_are_no_positive_whole_number(value):
+    with pytest.raises(InputError, match="--max-steps must be a whole number >= 1"):
+        Limits(max_steps=value)

@@ -6,11 +6,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import controlnets
+from . import controlnets, limits
 from .errors import InputError, StableCascadeError
 from .hub import DECODER_REPO, NANO, PRIOR_REPO
 from .sampling import SAMPLERS
@@ -85,6 +86,7 @@ def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: b
     if prior:
         g.add_argument("--previews", metavar="DIR", help="save the Previewer's picture of every Stage C step here")
     g.add_argument("--out", default="outputs", help="folder for the PNG files (default ./outputs)")
+    limits.add_arguments(p)
 
 
 def _sources(args) -> tuple:
@@ -100,6 +102,34 @@ def _sources(args) -> tuple:
             raise InputError("--stage-a goes with an official Stage B file given as --decoder")
         decoder = {"stage_b": decoder, "stage_a": args.stage_a}
     return prior, decoder
+
+
+def _check_output_folder(folder: Path, option: str) -> None:
+    """Create `folder` and write a probe file in it, so that an output path that is a file, lies under a file,
+    or is read-only or full fails at once instead of after the images are made."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{option} {folder} is a file; give a folder (it is created when missing)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise InputError(f"{option} {folder} cannot hold the output files ({e.strerror or e}); give a writable "
+                         "folder") from None
+
+
+def _check_limits_before_loading(args, configured: limits.Limits) -> None:
+    """What the options and input files show to be over the limits, or unreadable, fails before the models load
+    (the pipeline checks again, with the model's default size)."""
+    from .images import open_image
+
+    inputs = [*getattr(args, "images", []), *(getattr(args, k, None) for k in ("image", "control", "mask"))]
+    for path in filter(None, inputs):
+        open_image(path, max_pixels=configured.max_input_pixels, name=str(path), limit_option="--max-input-pixels")
+    steps = {k: v for k, v in (("--steps", getattr(args, "steps", None)), ("--decoder-steps", args.decoder_steps))
+             if v is not None}
+    configured.check_generation(width=args.width or 1, height=args.height or 1, images=args.num_images, steps=steps,
+                                seed=args.seed)
 
 
 def _free_path(out: Path, stem: str) -> Path:
@@ -259,7 +289,7 @@ def _download(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablecascade", description="Stable Cascade (Würstchen v3) image generation.")
+    parser = _Parser(prog="stablecascade", description="Stable Cascade (Würstchen v3) image generation.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-image", description="Generate images from a text prompt. "
@@ -348,10 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block, which buries the message)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        configured = limits.from_args(args)
+        if configured is not None:
+            limits.set_current(configured)
+            _check_limits_before_loading(args, configured)
+        for option, folder in (("--out", getattr(args, "out", None)), ("--previews", getattr(args, "previews", None))):
+            if folder:  # before loading anything, so that no work is lost
+                _check_output_folder(Path(folder), option)
         return args.run(args)
     except StableCascadeError as e:
         print(f"error: {e}", file=sys.stderr)

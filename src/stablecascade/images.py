@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 from typing import BinaryIO, Optional, Union
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, PngImagePlugin
 
 from .errors import InputError, LimitError
+from .limits import current
 
 PARAMETERS_KEY = "stablecascade"
 
@@ -115,9 +117,11 @@ def open_image(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str
     if formats:
         accepted = f"{', '.join(formats[:-1])} or {formats[-1]}" if len(formats) > 1 else formats[0]
     try:
-        image = Image.open(source)
+        with warnings.catch_warnings():  # Pillow warns of sizes this function then refuses itself (or accepts)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
     except FileNotFoundError:
-        raise InputError(f"{name}: image not found: {source}") from None
+        raise InputError(f"{name}: image not found") from None
     except Image.DecompressionBombError as e:  # Pillow's own refusal, for sizes far over any sane limit
         raise LimitError(f"{name}: {e}; the limit is {max_pixels} pixels: scale it down, or raise "
                          f"{limit_option}") from None
@@ -125,7 +129,7 @@ def open_image(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str
         raise InputError(f"{name}: cannot read the image ({e}); send a {accepted} file without huge "
                          "metadata") from None
     except (OSError, SyntaxError) as e:
-        raise InputError(f"{name}: not a {accepted} image, or a corrupt one ({type(e).__name__})") from None
+        raise InputError(f"{name}: cannot read it as an image: not a {accepted} file, or a corrupt one") from None
     with image:
         if formats and image.format not in formats:
             raise InputError(f"{name}: {image.format} images are not accepted; use {accepted}")
@@ -147,10 +151,13 @@ def open_image(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str
 def load_image(source: Union[str, Path, Image.Image, torch.Tensor]) -> torch.Tensor:
     """An RGB float tensor (3,H,W) in [0, 1] from a path, a PIL image (any mode) or a tensor.
 
-    Transparency is composited over white, greyscale is repeated to RGB, 16-bit and float images are rescaled."""
-    from .errors import InputError
-
+    Files are read with `open_image` (size checked from the header, EXIF orientation applied); every input is held
+    to the current `limits.Limits.max_input_pixels`. Transparency is composited over white, greyscale is repeated
+    to RGB, 16-bit and float images are rescaled."""
+    limits = current()
     if isinstance(source, torch.Tensor):
+        if source.dim() >= 2:
+            limits.check_input(source.shape[-1], source.shape[-2])
         t = source.detach().float()
         if t.dim() == 4 and t.shape[0] == 1:
             t = t[0]
@@ -160,15 +167,10 @@ def load_image(source: Union[str, Path, Image.Image, torch.Tensor]) -> torch.Ten
             raise InputError("image tensors must hold values in [0, 1]")
         return t.expand(3, -1, -1).contiguous()
     if isinstance(source, (str, Path)):
-        try:
-            with Image.open(source) as im:
-                im.load()
-                image = im
-        except FileNotFoundError:
-            raise InputError(f"image not found: {source}") from None
-        except (OSError, SyntaxError, ValueError) as e:
-            raise InputError(f"cannot read {source} as an image ({e}); use PNG, JPEG or WebP") from None
+        image = open_image(source, max_pixels=limits.max_input_pixels, name=str(source),
+                           limit_option="--max-input-pixels")
     elif isinstance(source, Image.Image):
+        limits.check_input(*source.size)
         image = source
     else:
         raise InputError(f"expected an image path, a PIL image or a tensor, got {type(source).__name__}")

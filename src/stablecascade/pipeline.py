@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Optional, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, controlnets, diffusion, hub
+from . import checkpoints, controlnets, diffusion, hub, limits
 from . import sampling as sampling_module
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
@@ -549,6 +549,8 @@ class StableCascadePipeline:
         if output_type not in ("pil", "pt"):
             raise InputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
         batch = len(prompts) * num_images_per_prompt
+        limits.current().check_generation(width=width, height=height, images=batch,
+                                          steps={"prior_steps": prior_steps, "decoder_steps": decoder_steps}, seed=seed)
         if generator is not None:
             if isinstance(generator, (list, tuple)) and len(generator) != batch:
                 raise InputError(f"got {len(generator)} generators for {batch} images; give one, or one per image")

@@ -728,7 +728,11 @@ def serve(pipe, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "
 
 def main(args, load: Callable) -> int:
     """`stablecascade serve`: check the web dependencies, load the models with `load(args)`, serve."""
+    from . import limits
+
     require_web_extra("fastapi", "uvicorn")
+    # the HTTP schema bounds steps and images below the pipeline's limits; only the size is this server's own
+    limits.set_current(limits.Limits(max_pixels=max(limits.Limits().max_pixels, args.max_pixels)))
     pipe = load(args)
     print(f"serving the API on http://{args.host}:{args.port} (docs at /docs)", file=sys.stderr)
     serve(pipe, host=args.host, port=args.port, api_key=args.api_key or None, max_queue=args.max_queue,
