@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoints, diffusion, hub
 from . import offload as offload_module
-from .conditioning import ImageEncoder, TextEncoder
+from .conditioning import ImageEncoder, TextEncoder, load_text_encoder
 from .errors import CheckpointError, InputError
 from .images import load_image, resize, to_pil
 from .models.controlnet import CONTROLNET
@@ -651,20 +651,13 @@ def _from_pretrained(cls, path, dtype):
 
 
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
     def where(key):
         value = parts.get(key) or parts.get("text_encoder")
         if value is None:  # official single files carry no text encoder: use the released one
             return hub.snapshot(hub.PRIOR_REPO, ("text_encoder", "tokenizer")) / key
         return value
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where("tokenizer")))
-        model = _from_pretrained(CLIPTextModelWithProjection, where("text_encoder"), dtype)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not load the CLIP text encoder/tokenizer: {e}") from None
-    return TextEncoder(tokenizer, model.to(device))
+    return load_text_encoder(where("text_encoder"), where("tokenizer"), dtype=dtype, device=device)
 
 
 def _load_image_encoder(path, dtype, device) -> ImageEncoder:

@@ -27,11 +27,12 @@ class TrainConfig:
     seed: int = 0
 
     # -- models: a checkpoint path (official file or diffusers folder), or "new:<config name>" for a fresh model
-    # of a named config in `stablecascade.configs` (e.g. "new:tiny") or "new:nano"
+    # of a named config in `stablecascade.configs` (e.g. "new:tiny") or "new:nano"; "nano" is the built-in nano
+    # model's part (stage_c, stage_b, stage_a, effnet, previewer, text_encoder)
     stage_c: Optional[str] = None
     stage_b: Optional[str] = None
     stage_a: Optional[str] = None
-    effnet: Optional[str] = None  # official EfficientNet file, or "nano" for the small trainable-free encoder
+    effnet: Optional[str] = None  # official EfficientNet file, "nano" (the nano model's encoder) or "nano:<file>"
     previewer: Optional[str] = None
     text_encoder: Optional[str] = None  # transformers folder (with tokenizer/ next to it or inside), or "tiny"
     tokenizer: Optional[str] = None

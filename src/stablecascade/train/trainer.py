@@ -30,7 +30,7 @@ from ..models import StageA, StageB, StageC
 from . import data as data_mod
 from .config import TrainConfig
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
-from .text import encode_text, load_text_encoder
+from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
@@ -79,8 +79,22 @@ class Dist:
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
+NANO_PARTS = {"stage_c": "prior/prior", "text_encoder": "prior/text_encoder", "stage_b": "decoder/decoder",
+              "stage_a": "decoder/vqgan", "effnet": "nano_encoder.safetensors", "previewer": "previewer.safetensors"}
+
+
+def nano_part(spec: Optional[str], part: str) -> Optional[str]:
+    """"nano" names a part of the built-in nano model, so recipes for it need no paths; other specs pass through."""
+    if spec != "nano":
+        return spec
+    from ..pipeline import NANO_DIR
+
+    return str(NANO_DIR / NANO_PARTS[part])
+
+
 def build_or_load(spec: str, kind: str) -> nn.Module:
-    """"new:<config>" -> a freshly initialised model of a named config; otherwise a checkpoint path."""
+    """"new:<config>" -> a freshly initialised model of a named config; "nano" -> the built-in nano model's part;
+    otherwise a checkpoint path."""
     if spec.startswith("new:"):
         name = spec[4:]
         if kind == "stage_c":
@@ -90,17 +104,32 @@ def build_or_load(spec: str, kind: str) -> nn.Module:
         if kind == "stage_a":
             return StageA(configs.STAGE_A[name])
         raise ValueError(f"cannot create a new {kind}")
-    return checkpoints.load_component(spec, kind, dtype=torch.float32)
+    return checkpoints.load_component(nano_part(spec, kind), kind, dtype=torch.float32)
 
 
 def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
+    """"nano" is the built-in nano model's trained encoder; "nano:<file>" another NanoEncoder; else an official
+    EfficientNet file."""
     if spec is None:
         return None
-    if spec.startswith("nano"):
+    if spec == "nano" or spec.startswith("nano:"):
         from ..models.effnet import load_nano_encoder
 
-        return load_nano_encoder(None if spec == "nano" else spec.split(":", 1)[1])
+        return load_nano_encoder(nano_part(spec, "effnet") if spec == "nano" else spec.split(":", 1)[1])
     return checkpoints.load_official(spec, "effnet", dtype=torch.float32)
+
+
+def load_training_text_encoder(spec: Optional[str], tokenizer: Optional[str] = None):
+    """(tokenizer, model) in float32, whatever dtype the file stores (token embeddings and text-encoder LoRAs
+    train in float32): "tiny" is the seeded 32-wide test model, anything else a transformers folder."""
+    if spec is None:
+        return None
+    if spec == "tiny":
+        return clip_tokenizer(), small_text_model()
+    from ..conditioning import load_text_encoder
+
+    te = load_text_encoder(nano_part(spec, "text_encoder"), tokenizer, dtype=torch.float32)
+    return te.tokenizer, te.model
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -288,8 +317,9 @@ class Trainer:
         self.stage_a = parts.get("stage_a") or (build_or_load(cfg.stage_a, "stage_a") if cfg.stage_a else None)
         self.effnet = parts.get("effnet") or load_effnet(cfg.effnet)
         self.previewer = parts.get("previewer") or (
-            checkpoints.load_official(cfg.previewer, "previewer", dtype=torch.float32) if cfg.previewer else None)
-        text = parts.get("text") or (load_text_encoder(cfg.text_encoder, cfg.tokenizer) if cfg.text_encoder else None)
+            checkpoints.load_official(nano_part(cfg.previewer, "previewer"), "previewer", dtype=torch.float32)
+            if cfg.previewer else None)
+        text = parts.get("text") or load_training_text_encoder(cfg.text_encoder, cfg.tokenizer)
         self.tokenizer, self.text_model = text if text else (None, None)
         self.image_encoder = parts.get("image_encoder")
         if self.image_encoder is None and cfg.image_encoder:
