@@ -12,7 +12,8 @@ from stablecascade import checkpoints  # noqa: E402
 from stablecascade.conditioning import TextEncoder  # noqa: E402
 from stablecascade.errors import CheckpointError, InputError  # noqa: E402
 from stablecascade.models.blocks import AttnBlock  # noqa: E402
-from stablecascade.models.lora import LoRAManager, LoRAWeights, read_lora, save_lora  # noqa: E402
+from stablecascade.lora_formats import read_lora, save_lora  # noqa: E402
+from stablecascade.models.lora import LoRAManager, LoRAWeights  # noqa: E402
 from stablecascade.pipeline import _load_text_encoder  # noqa: E402
 
 RANK = 2
@@ -330,8 +331,8 @@ def test_bfloat16_merge_adapter_and_exact_restore(models):
 def test_onetrainer_bundled_embedding(models):
     stage_c, te = models
     vec = torch.randn(1, 32)
-    lora = read_lora({"bundle_emb.myemb.clip_g": vec, **kohya_te_lora()}, stage_c, te)
-    assert lora.new_tokens == [("<myemb>", None)]
+    lora = read_lora({"bundle_emb.<myemb>.clip_g": vec, **kohya_te_lora()}, stage_c, te)
+    assert lora.new_tokens == [("<myemb>", None)]  # the placeholder as OneTrainer's prompts write it
     manager = LoRAManager(stage_c, te)
     manager.add(lora, 1.0)
     manager.apply("adapter")

@@ -26,7 +26,8 @@ from .conditioning import ImageEncoder, TextEncoder, load_text_encoder
 from .errors import CheckpointError, InputError
 from .images import load_image, resize, to_pil
 from .models.controlnet import CONTROLNET
-from .models.lora import LoRAManager, read_lora
+from .lora_formats import read_lora
+from .models.lora import LoRAManager
 
 log = logging.getLogger(__name__)
 
