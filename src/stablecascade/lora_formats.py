@@ -361,8 +361,8 @@ def _kohya_state(lora: LoRAWeights, stage_c: nn.Module) -> tuple[dict, dict]:
     state = {}
 
     def put(name, down, up, scale):
-        state[f"{name}.lora_down.weight"] = down.detach().float().cpu().contiguous()
-        state[f"{name}.lora_up.weight"] = up.detach().float().cpu().contiguous()
+        state[f"{name}.lora_down.weight"] = down.detach().float().cpu().clone()  # q, k, v share one down
+        state[f"{name}.lora_up.weight"] = up.detach().float().cpu().clone()
         state[f"{name}.alpha"] = torch.tensor(scale * down.shape[0])
 
     for d in lora.layers:
