@@ -394,7 +394,7 @@ def _output_embedding_hook(outputs: dict):
         for i, terms in outputs.items():
             where = (ids == i).unsqueeze(-1)
             for s, vector in terms:
-                new = torch.where(where, new + s * (vector.to(new) - h.float()), new)
+                new = torch.where(where, (1 - s) * new + s * vector.to(new), new)
         out.hidden_states = (*out.hidden_states[:-1], new.to(h.dtype))
         return out
 

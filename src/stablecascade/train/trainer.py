@@ -190,7 +190,7 @@ class LoRAModel(nn.Module):
         generator = generator or torch.Generator().manual_seed(cfg.seed)
         self.base_vocab = len(tokenizer)
         self.tokens: list[tuple] = []  # (token str or id, init regex, id)
-        self.init_rows: dict[int, torch.Tensor] = {}  # new token id -> its starting row (CPU, float32)
+        self.init_rows: dict[int, torch.Tensor] = {}  # new token id -> its starting row (float32)
         self.tokens_delta = None
         if cfg.train_tokens:
             self._prepare_tokens(cfg.train_tokens)
@@ -241,7 +241,7 @@ class LoRAModel(nn.Module):
                 self.tokenizer.add_tokens([token])
                 new_id = self.tokenizer.convert_tokens_to_ids(token)
                 new_rows.append(new_token_row(init_ids, base))
-                self.init_rows[new_id] = new_rows[-1].detach().cpu()
+                self.init_rows[new_id] = new_rows[-1]
                 ids.append(new_id)
                 self.tokens.append((token, init, new_id))
             else:
@@ -307,7 +307,7 @@ class LoRAModel(nn.Module):
         if delta is not None:
             for (token, init, i), vec in zip(self.tokens, delta.delta.detach().float().cpu()):
                 if self.export_format == "kohya":
-                    tokens.append(TokenEmbedding(token, self.init_rows[i] + vec))
+                    tokens.append(TokenEmbedding(token, self.init_rows[i].cpu() + vec))
                 else:
                     tokens.append(TokenEmbedding(token, vec, init))
         return LoRAWeights(layers=layers, tokens=tokens, vocab_size=self.base_vocab)
