@@ -5,8 +5,8 @@ captioned with the token instead of the colour word ("a [zorb] circle at the top
 other half ordinary captioned shapes of the other colours, so the LoRA learns the token rather than "everything is
 yellow". The measurement generates one image per seed for prompts that use the token (random shape, position and
 background), and counts the images whose shape the nano evaluation's detector (`eval_nano.analyse`) finds in the
-token's colour, with and without the LoRA; it also counts, with the LoRA, how often prompts naming other colours
-still get them (what the LoRA must not break).
+token's colour, with and without the LoRA; it also counts how often prompts naming the other colours get them,
+with and without the LoRA (what the LoRA must not break).
 
     python scripts/nano_token.py data runs/nano_token/data [--count 512]
     stablecascade train lora --config configs/nano/lora.yaml
@@ -64,14 +64,20 @@ def measure(pipe, lora, seeds: int = 16, token: str = TOKEN, colour: str = COLOU
     """Shares of `colour` for token prompts without and with the LoRA (path or state dict), and of the named
     colour for prompts naming the other colours with the LoRA."""
     token_prompts = prompts(seeds, token, colour)
-    without = colour_share(pipe, token_prompts, colour)
-    pipe.load_lora(lora)
-    with_lora = colour_share(pipe, token_prompts, colour)
     others = [c for c in COLOURS if c != colour]
-    kept = sum(colour_share(pipe, prompts(seeds // len(others) or 1, c, c, seed=j), c) for j, c in enumerate(others))
+    other_prompts = [(prompts(seeds // len(others) or 1, c, c, seed=j), c) for j, c in enumerate(others)]
+
+    def kept():
+        return sum(colour_share(pipe, texts, c) * len(texts) for texts, c in other_prompts) / sum(
+            len(texts) for texts, _ in other_prompts)
+
+    without, kept_without = colour_share(pipe, token_prompts, colour), kept()
+    pipe.load_lora(lora)
+    with_lora, kept_with = colour_share(pipe, token_prompts, colour), kept()
     pipe.unload_loras()
     return {"token": token, "colour": colour, "seeds": seeds, "share_without_lora": round(without, 3),
-            "share_with_lora": round(with_lora, 3), "other_colours_kept_with_lora": round(kept / len(others), 3)}
+            "share_with_lora": round(with_lora, 3), "other_colours_right_without_lora": round(kept_without, 3),
+            "other_colours_right_with_lora": round(kept_with, 3)}
 
 
 def main(argv=None):
