@@ -12,7 +12,8 @@ from stablecascade import checkpoints  # noqa: E402
 from stablecascade.conditioning import TextEncoder  # noqa: E402
 from stablecascade.errors import CheckpointError, InputError  # noqa: E402
 from stablecascade.models.blocks import AttnBlock  # noqa: E402
-from stablecascade.models.lora import LoRAManager, LoRAWeights, read_lora, save_lora  # noqa: E402
+from stablecascade.lora_formats import read_lora, save_lora  # noqa: E402
+from stablecascade.models.lora import LoRAManager, LoRAWeights  # noqa: E402
 from stablecascade.pipeline import _load_text_encoder  # noqa: E402
 
 RANK = 2
@@ -330,8 +331,8 @@ def test_bfloat16_merge_adapter_and_exact_restore(models):
 def test_onetrainer_bundled_embedding(models):
     stage_c, te = models
     vec = torch.randn(1, 32)
-    lora = read_lora({"bundle_emb.myemb.clip_g": vec, **kohya_te_lora()}, stage_c, te)
-    assert lora.new_tokens == [("<myemb>", None)]
+    lora = read_lora({"bundle_emb.<myemb>.clip_g": vec, **kohya_te_lora()}, stage_c, te)
+    assert lora.new_tokens == [("<myemb>", None)]  # the placeholder as OneTrainer's prompts write it
     manager = LoRAManager(stage_c, te)
     manager.add(lora, 1.0)
     manager.apply("adapter")
@@ -407,3 +408,169 @@ def test_errors_name_the_file_and_key(models, tmp_path):
     with pytest.raises(InputError, match="text_encoder="):
         read_lora(onetrainer_lora(), stage_c)
     assert isinstance(LoRAWeights().rank, int)
+
+
+# ------------------------------------------------------------------------------------- OneTrainer key forms
+# The layers OneTrainer's Stable Cascade LoRA conversion names (its "all layers" preset writes every one the model
+# has), as OMI paths: official module paths, the fused attention's q/k/v rows numbered in_proj.0/1/2.
+OT_TOP = ("clf.1", "clip_img_mapper", "clip_txt_mapper", "clip_txt_pooled_mapper", "down_downscalers.1.1.blocks.0",
+          "embedding.1", "up_upscalers.0.1.blocks.1")
+OT_BLOCK = ("channelwise.0", "channelwise.4", "depthwise", "mapper", "mapper_crp", "mapper_sca", "kv_mapper.1",
+            "attention.attn.out_proj", "attention.attn.in_proj.0", "attention.attn.in_proj.1",
+            "attention.attn.in_proj.2")
+OT_TE = ("mlp.fc1", "mlp.fc2", "self_attn.k_proj", "self_attn.out_proj", "self_attn.q_proj", "self_attn.v_proj")
+
+
+def _ot_name(path: str, model: str, form: str) -> str:
+    """OneTrainer's key for an OMI path in its three forms: "omi", "legacy" (kohya-like, the default of its saver)
+    and "internal" (dotted diffusers names)."""
+    if model == "te":
+        return {"omi": f"clip_g.{path}", "legacy": "lora_prior_te_" + path.replace(".", "_"),
+                "internal": f"lora_prior_te.{path}"}[form]
+    if form == "omi":
+        return f"unet.{path}"
+    for i, part in enumerate("qkv"):
+        path = path.replace(f"attention.attn.in_proj.{i}", {"legacy": f"attention.attn.to_{part}",
+                                                             "internal": f"attention.to_{part}"}[form])
+    if form == "internal":
+        path = path.replace("attention.attn.out_proj", "attention.to_out.0")
+    return ("lora_prior_unet_" + path.replace(".", "_")) if form == "legacy" else f"lora_prior_unet.{path}"
+
+
+def onetrainer_all_layers(stage_c, te, form, seed=11, alpha=2.0):
+    """An all-layer OneTrainer LoRA for these models (every layer its conversion names that they have, depthwise
+    convolutions as the full convolutions OneTrainer trains, plus one layer of a deeper model), and the weights a
+    merge at scale 1 must produce: {"c.<param>" | "te.<param>": expected tensor}."""
+    g, state, expected = torch.Generator().manual_seed(seed), {}, {}
+    modules = dict(stage_c.named_modules())
+    paths = [("c", p) for p in OT_TOP]
+    for level in ("down_blocks.0", "down_blocks.1", "up_blocks.0", "up_blocks.1"):
+        for i in range(len(stage_c.get_submodule(level))):
+            paths += [("c", f"{level}.{i}.{sub}") for sub in OT_BLOCK]
+    n_layers = te.model.config.num_hidden_layers
+    paths += [("te", "text_projection")] + [("te", f"text_model.encoder.layers.{i}.{sub}") for i in range(n_layers)
+                                            for sub in OT_TE]
+    for model, path in paths:
+        owner = stage_c if model == "c" else te.model
+        rows = None
+        if ".attention.attn.in_proj." in path:
+            module, i = path.rsplit(".in_proj.", 1)
+            if module not in modules:
+                continue
+            param, weight = f"{module}.in_proj_weight", owner.get_submodule(module).in_proj_weight
+            c = weight.shape[1]
+            rows = (int(i) * c, (int(i) + 1) * c)
+        else:
+            if model == "c" and path not in modules:
+                continue
+            param, weight = f"{path}.weight", owner.get_submodule(path).weight
+        out, inp = weight.shape[0] if rows is None else c, weight.shape[1]
+        grouped = getattr(owner.get_submodule(path), "groups", 1) > 1 if rows is None else False
+        down = _rand(g, RANK, out if grouped else inp, *weight.shape[2:])  # depthwise: a full conv, c -> r
+        up = _rand(g, out, RANK, *[1] * (weight.dim() - 2))
+        name = _ot_name(path, model, form)
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = down, up
+        state[f"{name}.alpha"] = torch.tensor(alpha)
+        if grouped:
+            continue  # cannot apply: must stay unchanged
+        key = f"{model}.{param}"
+        full = expected.get(key, weight.detach().float().clone())
+        delta = (alpha / RANK) * (up.flatten(1) @ down.flatten(1))
+        if rows is None:
+            full = full + delta.view(weight.shape)
+        else:
+            full[rows[0]: rows[1]] += delta
+        expected[key] = full
+    extra = _ot_name("down_blocks.1.40.channelwise.0", "c", form)  # a layer only a deeper Stage C has
+    state[f"{extra}.lora_down.weight"], state[f"{extra}.lora_up.weight"] = _rand(g, RANK, 64), _rand(g, 256, RANK)
+    return state, expected
+
+
+@pytest.mark.parametrize("form", ["legacy", "omi", "internal"])
+def test_onetrainer_all_layer_files_change_exactly_the_intended_weights(models, form, caplog):
+    stage_c, te = models
+    state, expected = onetrainer_all_layers(stage_c, te, form)
+    assert any(".depthwise" in k or "_depthwise" in k for k in state)
+    before = _weights(stage_c, te)
+    with caplog.at_level("WARNING"):
+        lora = read_lora(state, stage_c, te)
+    assert "depthwise" in caplog.text and "down_blocks" in caplog.text and "40" in caplog.text  # skipped, named
+    assert lora.format == {"legacy": "onetrainer", "omi": "omi", "internal": "onetrainer-internal"}[form]
+    manager = LoRAManager(stage_c, te)
+    manager.add(lora)
+    manager.merge()
+    after = _weights(stage_c, te)
+    assert len(expected) > 40 and any(k.startswith("te.") for k in expected)
+    for key, value in after.items():
+        if key in expected:
+            torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:  # everything else, the depthwise convolutions included, is untouched
+            assert torch.equal(value, before[key]), key
+    manager.unmerge()
+    _assert_base(models, before)
+
+
+def test_onetrainer_output_embedding_replaces_the_hidden_state(models, caplog):
+    stage_c, te = models
+    out_vec = torch.randn(1, 32)
+    prompt = "a <glow> dog"
+    base = te([prompt])
+    with caplog.at_level("WARNING"):
+        lora = read_lora({"bundle_emb.<glow>.clip_g": torch.zeros(1, 32), "bundle_emb.<glow>.clip_g_out": out_vec,
+                          "bundle_emb.<glow>.clip_l": torch.zeros(1, 768)}, stage_c, te)
+    assert "clip_l" in caplog.text  # another encoder's embedding is skipped with a warning, the rest loads
+    assert [(t.token, t.output) for t in lora.tokens] == [("<glow>", False), ("<glow>", True)]
+    input_only = _no_output_hidden(stage_c, te, lora)
+    manager = LoRAManager(stage_c, te)
+    manager.add(lora)
+    manager.merge()
+    ids = te.tokenizer(prompt).input_ids
+    pos = ids.index(te.tokenizer.convert_tokens_to_ids("<glow>"))
+    hidden, _ = te([prompt])
+    assert torch.equal(hidden[0, pos], out_vec[0])  # what Stage C reads at the token is the output vector
+    assert not torch.equal(hidden[0, pos + 1], base[0][0, pos + 1])
+    manager.set_scale("lora0", 0.5)
+    torch.testing.assert_close(te([prompt])[0][0, pos], 0.5 * out_vec[0] + 0.5 * input_only[pos], rtol=1e-5,
+                               atol=1e-6)
+    manager.unmerge()
+    assert torch.equal(te([prompt])[0], base[0])  # hook removed, tokenizer restored
+
+
+def _no_output_hidden(stage_c, te, lora):
+    """The hidden states of the prompt with the LoRA's input rows only (its output embeddings left out)."""
+    only_input = LoRAWeights(tokens=[t for t in lora.tokens if not t.output], vocab_size=lora.vocab_size)
+    manager = LoRAManager(stage_c, te)
+    manager.add(only_input)
+    manager.merge()
+    hidden = te(["a <glow> dog"])[0][0]
+    manager.unmerge()
+    return hidden
+
+
+def test_kohya_save_round_trip_with_every_layer_kind(models, tmp_path):
+    stage_c, te = models
+    state, _ = onetrainer_all_layers(stage_c, te, "omi")
+    lora = read_lora(state, stage_c, te)
+    lora.tokens = read_lora({"bundle_emb.[zorb].clip_g": torch.randn(1, 32)}, stage_c, te).tokens
+    path = tmp_path / "kohya.safetensors"
+    with pytest.raises(InputError, match="kohya"):
+        save_lora(path, lora, stage_c)  # the official format cannot hold these layers, and says which to use
+    save_lora(path, lora, stage_c, format="kohya")
+    saved, meta = checkpoints.read_state_dict(path)
+    assert meta["format"] == "kohya"
+    # ComfyUI's names for Stable Cascade: fused attention split into to_q/k/v, text encoder as lora_prior_te_
+    assert "lora_unet_down_blocks_0_2_attention_attn_to_k.lora_up.weight" in saved
+    assert "lora_unet_down_blocks_0_2_attention_attn_out_proj.alpha" in saved
+    assert "lora_prior_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight" in saved
+    again = read_lora(path, stage_c, te)
+    assert again.new_tokens == [("[zorb]", None)]
+    results = []
+    for item in (lora, again):
+        manager = LoRAManager(stage_c, te)
+        manager.add(item)
+        manager.merge()
+        results.append((_weights(stage_c, te), run(stage_c, te, "a [zorb] dog")))
+        manager.unmerge()
+    for k, v in results[0][0].items():
+        torch.testing.assert_close(results[1][0][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-5)

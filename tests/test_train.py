@@ -172,7 +172,7 @@ def _random_stage_c(path):
 
 
 def test_lora_with_a_new_token(tmp_path, folder):
-    from stablecascade.models.lora import read_lora
+    from stablecascade.lora_formats import read_lora
 
     stage_c = _random_stage_c(tmp_path / "c.safetensors")
     concept = tmp_path / "concept"

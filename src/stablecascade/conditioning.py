@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence, Union
 
 import torch
+
+from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,31 @@ class TextEncoder:
     def to(self, device=None, dtype=None) -> "TextEncoder":
         self.model.to(device=device, dtype=dtype)
         return self
+
+
+def load_text_encoder(model_path: Union[str, Path], tokenizer_path: Union[str, Path, None] = None, *,
+                      dtype: torch.dtype = torch.float32, device=None) -> TextEncoder:
+    """The CLIP text encoder of a transformers folder, in `dtype` whatever dtype its file stores (the nano model's is
+    float16), on `device`. The tokenizer comes from `tokenizer_path`, else the folder itself or a sibling
+    `tokenizer/` folder (the diffusers layout). Used by the pipeline and by training alike."""
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+    model_path = Path(model_path)
+    candidates = [Path(tokenizer_path)] if tokenizer_path else [model_path, model_path.parent / "tokenizer"]
+    found = next((c for c in candidates if any((c / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json"))),
+                 None)
+    if found is None:
+        raise CheckpointError(f"no CLIP tokenizer found at {' or '.join(map(str, candidates))}: give the tokenizer "
+                              "folder (tokenizer_config.json) as well")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(found))
+        try:
+            model = CLIPTextModelWithProjection.from_pretrained(str(model_path), dtype=dtype)
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            model = CLIPTextModelWithProjection.from_pretrained(str(model_path), torch_dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not load the CLIP text encoder/tokenizer from {model_path}: {e}") from None
+    return TextEncoder(tokenizer, model.to(device=device, dtype=dtype))
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

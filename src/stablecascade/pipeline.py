@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 from . import checkpoints, controlnets, diffusion, hub, limits
 from . import sampling as sampling_module
 from . import offload as offload_module
-from .conditioning import ImageEncoder, TextEncoder
+from .conditioning import ImageEncoder, TextEncoder, load_text_encoder
 from .errors import CheckpointError, InputError, UnsupportedError
 from .images import load_image, resize, to_pil
-from .models.lora import LoRAManager, read_lora
+from .lora_formats import read_lora
+from .models.lora import LoRAManager
 from .sampling import StepCallback, StepEvent
 from .settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 
@@ -650,20 +651,13 @@ def _from_pretrained(cls, path, dtype):
 
 
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
     def where(key):
         value = parts.get(key) or parts.get("text_encoder")
         if value is None:  # official single files carry no text encoder: use the released one
             return hub.snapshot(hub.PRIOR_REPO, ("text_encoder", "tokenizer")) / key
         return value
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(where("tokenizer")))
-        model = _from_pretrained(CLIPTextModelWithProjection, where("text_encoder"), dtype)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not load the CLIP text encoder/tokenizer: {e}") from None
-    return TextEncoder(tokenizer, model.to(device))
+    return load_text_encoder(where("text_encoder"), where("tokenizer"), dtype=dtype, device=device)
 
 
 def _load_image_encoder(path, dtype, device) -> ImageEncoder:

@@ -1,40 +1,25 @@
-"""LoRA for Stage C and the CLIP text encoder: read any common file format, apply several at once, save.
-
-Formats `read_lora` understands (auto-detected):
-
-- official (Stability `train_c_lora.py`): `weights.{i}.lora_down` (r, in) / `weights.{i}.lora_up` (out, r), identified
-  by position only: the AttnBlocks of Stage C in module order, even i = `attention.attn.out_proj.weight`, odd i =
-  `attention.attn.in_proj_weight`; scale 1/r. Optional ReToken embeddings `embeddings.embeddings` (n, hidden) and
-  `embeddings.indices` (n,): deltas for token rows. Ids past the tokenizer's vocabulary are tokens added in
-  training; their strings are not in the file, so they come from `new_tokens=[(token, init_regex)]` or from the
-  safetensors metadata key "new_tokens" (JSON) that `save_lora` writes.
-- kohya (`lora_unet_<path>`, `lora_te_<path>`) and OneTrainer (`lora_prior_unet_`, `lora_prior_te_`): the module path
-  with '.' -> '_', tensors `<name>.lora_down.weight`, `<name>.lora_up.weight`, optional `<name>.alpha` (scale
-  alpha/r, default 1). Attention layers may use official names (`attention_attn_in_proj`, `attention_attn_out_proj`)
-  or diffusers/ComfyUI names (`[attn_]to_q/to_k/to_v` = row blocks of the fused in_proj, `to_out_0`); any other
-  Linear/Conv2d of Stage C or of the CLIP text model is addressed by its path. OneTrainer's bundled embeddings
-  `bundle_emb.<name>.clip_g` become new tokens `<name>` (several vectors: `<name>`, `<name>_1`, ...).
-- bare dotted keys (`[diffusion_model.]<path>.lora_down.weight`, `text_encoder.<path>...`; `lora_A`/`lora_B` too).
+"""LoRA on Stage C and the CLIP text encoder, independent of any file format (`stablecascade.lora_formats` reads
+and writes the files): the parsed form (`LoRAWeights`), the layer sets training may target, the adapter that
+applies low-rank updates (at inference and, with trainable factors, in training), and `LoRAManager`, which applies
+several LoRAs at once.
 
 Applying (`LoRAManager`): "merge" adds Σ scale·Δ into the weights (computed in float32, rounded once to the weights'
 dtype) after keeping a CPU copy of each touched tensor, so `unmerge` restores them bit for bit; "adapter" registers a
 `torch.nn.utils.parametrize` parametrization computing the same sum on the fly, leaving the stored weights untouched,
 with scales read live. Token embeddings are applied the same way in both modes: the tokenizer is replaced by an
-extended copy and the embedding module by a new one; `unmerge` puts the original objects back.
+extended copy and the embedding module by a new one; `unmerge` puts the original objects back. Output embeddings
+(OneTrainer's) replace the text encoder's hidden states at their token's positions, through a forward hook.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -42,8 +27,8 @@ from ..errors import CheckpointError, InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LayerDelta", "TokenEmbedding", "LoRAWeights", "LoRAManager", "read_lora", "save_lora",
-           "official_layer_order"]
+__all__ = ["LayerDelta", "TokenEmbedding", "LoRAWeights", "LoRAManager", "LoRAAdapter", "LAYER_PRESETS",
+           "lora_targets", "official_layer_order", "check_layer", "matching_token_ids", "new_token_row"]
 
 CLIP_VOCAB = 49408
 STAGE_C, TEXT_ENCODER = "stage_c", "text_encoder"
@@ -90,6 +75,8 @@ class TokenEmbedding:
     token: Union[str, int]
     vector: torch.Tensor  # (hidden,)
     init_regex: Optional[str] = None
+    output: bool = False  # an output embedding: the token's input row is zeros and `vector` replaces the text
+    # encoder's last hidden state wherever the token appears (OneTrainer's "output embeddings")
 
 
 @dataclass
@@ -108,14 +95,14 @@ class LoRAWeights:
 
     @property
     def new_tokens(self) -> list[tuple[str, Optional[str]]]:
-        return [(t.token, t.init_regex) for t in self.tokens if isinstance(t.token, str)]
+        return list(dict.fromkeys((t.token, t.init_regex) for t in self.tokens if isinstance(t.token, str)))
 
     @property
     def needs_text_encoder(self) -> bool:
         return bool(self.tokens) or any(d.model == TEXT_ENCODER for d in self.layers)
 
 
-# ------------------------------------------------------------------------------------------- naming tables
+# ------------------------------------------------------------------------------------------- layer sets
 def official_layer_order(stage_c: nn.Module) -> list[tuple[str, str]]:
     """(module, parameter) of the official format's `weights.{i}`: per attention layer out_proj, then in_proj."""
     order = []
@@ -125,211 +112,46 @@ def official_layer_order(stage_c: nn.Module) -> list[tuple[str, str]]:
     return order
 
 
-def _layer_table(model: nn.Module) -> dict[str, tuple[str, str, Optional[tuple[int, int]]]]:
-    """Every accepted layer name (dotted and kohya '_' form) -> (module path, parameter, rows)."""
-    table = {}
+# Named layer sets (regular expressions searched in module paths) that training may target. Stage C: "attention"
+# (the official LoRA's in_proj/out_proj: the only layers its file format can hold), "attention_ff" (+ the
+# ResBlocks' feed-forward channelwise Linears and the attention blocks' condition kv_mapper), "all" (every Linear
+# and ungrouped Conv2d, mappers included). Text encoder: "attention" (q/k/v/out projections), "all".
+LAYER_PRESETS = {
+    STAGE_C: {"attention": [r"\.attention\.attn$", r"\.attention\.attn\.out_proj$"],
+              "attention_ff": [r"\.attention\.attn$", r"\.attention\.attn\.out_proj$", r"\.kv_mapper\.1$",
+                               r"\.channelwise\.[04]$"],
+              "all": [r".*"]},
+    TEXT_ENCODER: {"attention": [r"\.self_attn\.(q|k|v|out)_proj$"], "all": [r".*"]},
+}
 
-    def put(alias, target):
-        table[alias] = table[alias.replace(".", "_")] = target
 
+def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str = STAGE_C) -> list[tuple[str, str]]:
+    """(module, parameter) of every layer of `model` a LoRA on `layers` changes: a preset name of LAYER_PRESETS or
+    a list of regular expressions searched in module paths. Fused attention changes `in_proj_weight`; a Linear or
+    Conv2d its `weight`; grouped (depthwise) convolutions are left out, as no file format stores their LoRA."""
+    presets = LAYER_PRESETS[which]
+    if isinstance(layers, str):
+        if layers not in presets:
+            raise InputError(f"unknown LoRA layer set {layers!r}: use one of {', '.join(presets)} or a list of "
+                             "regular expressions matching module paths")
+        layers = presets[layers]
+    try:
+        patterns = [re.compile(p) for p in layers]
+    except re.error as e:
+        raise InputError(f"LoRA layer pattern is not a valid regular expression: {e}") from None
+    targets = []
     for name, m in model.named_modules():
-        if hasattr(m, "in_proj_weight") and hasattr(m, "out_proj"):  # fused attention, official names
-            base, c = name.rsplit(".", 1)[0] if "." in name else "", m.in_proj_weight.shape[1]
-            pre = f"{base}." if base else ""
-            for alias in ("attn.in_proj", "attn.in_proj_weight", "in_proj"):
-                put(pre + alias, (name, "in_proj_weight", None))
-            for i, part in enumerate("qkv"):  # diffusers / ComfyUI split names
-                for alias in (f"attn.to_{part}", f"to_{part}"):
-                    put(pre + alias, (name, "in_proj_weight", (i * c, (i + 1) * c)))
-            for alias in ("attn.out_proj", "attn.to_out.0", "to_out.0", "out_proj"):
-                put(pre + alias, (f"{name}.out_proj", "weight", None))
-        elif isinstance(m, (nn.Linear, nn.Conv2d)) and name not in table:
-            put(name, (name, "weight", None))
-    return table
-
-
-_OFFICIAL_KEY = re.compile(r"weights\.(\d+)\.(lora_down|lora_up)")
-_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_A.weight": "down", ".lora_B.weight": "up",
-             ".alpha": "alpha"}
-_UNDERSCORE_PREFIXES = (("lora_prior_unet_", STAGE_C, "onetrainer"), ("lora_prior_te_", TEXT_ENCODER, "onetrainer"),
-                        ("lora_unet_", STAGE_C, "kohya"), ("lora_te_", TEXT_ENCODER, "kohya"))
-_DOTTED_PREFIXES = (("text_encoder.", TEXT_ENCODER), ("model.diffusion_model.", STAGE_C), ("diffusion_model.", STAGE_C),
-                    ("prior.", STAGE_C), ("unet.", STAGE_C), ("", STAGE_C))
-_VARIANT_HINTS = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_")
-
-
-# ------------------------------------------------------------------------------------------------ reading
-def read_lora(source, stage_c: nn.Module, text_encoder=None, *, new_tokens: Optional[Sequence] = None,
-              metadata: Optional[dict] = None) -> LoRAWeights:
-    """Parse and check a LoRA file (path) or state dict against `stage_c` (and the `TextEncoder`, needed for
-    text-encoder layers and token embeddings). `new_tokens`: [(token string, init regex or None)] for the tokens an
-    official file adds (ids from the tokenizer's vocabulary size on, in this order), e.g. [("[fernando]", "^dog</w>")].
-    Raises CheckpointError (file unreadable, unknown format, made for another model) naming the file and key."""
-    from ..checkpoints import read_state_dict
-
-    if isinstance(source, dict):
-        state, meta, name = source, dict(metadata or {}), "<state dict>"
-    else:
-        state, meta = read_state_dict(source)
-        meta.update(metadata or {})
-        name = str(source)
-    if not state:
-        raise CheckpointError(f"{name}: the file holds no tensors; it is not a LoRA")
-    if new_tokens is None and meta.get("new_tokens"):
-        try:
-            new_tokens = [(str(t), r) for t, r in json.loads(meta["new_tokens"])]
-        except (ValueError, TypeError) as e:
-            raise CheckpointError(f"{name}: metadata 'new_tokens' is not a JSON list of [token, regex] pairs ({e})")
-    if any(_OFFICIAL_KEY.fullmatch(k) or k.startswith("embeddings.") for k in state):
-        pairs = [(t, None) if isinstance(t, str) else (str(t[0]), t[1]) for t in new_tokens or []]
-        lora = _read_official(state, stage_c, text_encoder, name, pairs)
-    else:
-        lora = _read_named(state, stage_c, text_encoder, name)
-    lora.source = name
-    if text_encoder is not None:
-        lora.vocab_size = text_encoder.tokenizer.vocab_size
-    return lora
-
-
-def _require_te(text_encoder, source, key):
-    if text_encoder is None:
-        raise InputError(f"{source}: {key!r} is for the text encoder; pass text_encoder= to read this LoRA")
-
-
-def _read_official(state, stage_c, text_encoder, source, new_tokens) -> LoRAWeights:
-    order = official_layer_order(stage_c)
-    found: dict[int, dict] = {}
-    for key, t in state.items():
-        m = _OFFICIAL_KEY.fullmatch(key)
-        if m:
-            found.setdefault(int(m[1]), {})[m[2]] = t
-        elif key not in ("embeddings.embeddings", "embeddings.indices"):
-            raise CheckpointError(f"{source}: unexpected key {key!r} in an official-format LoRA (weights.N.lora_down/"
-                                  "lora_up, embeddings.embeddings/indices)")
-    if found and sorted(found) != list(range(len(order))):
-        raise CheckpointError(
-            f"{source}: the LoRA has {len(found)} layers (weights.{min(found)}..weights.{max(found)}) but this Stage C "
-            f"has {len(order)} attention layers (2 per AttnBlock: 128 in the 3.6B model, 64 in the lite 1B); "
-            "the LoRA was made for a different Stage C")
-    lora = LoRAWeights(format="official")
-    for i, (module, param) in enumerate(order[: len(found)]):
-        parts, key = found[i], f"weights.{i}"
-        if set(parts) != {"lora_down", "lora_up"}:
-            raise CheckpointError(f"{source}: {key} has only {sorted(parts)}; lora_down and lora_up are both needed")
-        d = LayerDelta(STAGE_C, module, param, parts["lora_down"], parts["lora_up"], 1.0, key=key)
-        _check_layer(d, stage_c, source)
-        d.scale = 1.0 / d.rank
-        lora.layers.append(d)
-    emb, idx = state.get("embeddings.embeddings"), state.get("embeddings.indices")
-    if emb is None and idx is None:
-        return lora
-    _require_te(text_encoder, source, "embeddings.embeddings")
-    hidden = text_encoder.model.get_input_embeddings().weight.shape[1]
-    vocab = text_encoder.tokenizer.vocab_size
-    if emb is None or idx is None or emb.ndim != 2 or idx.ndim != 1 or emb.shape[0] != idx.shape[0] \
-            or idx.is_floating_point():
-        raise CheckpointError(f"{source}: embeddings.embeddings (n, hidden) and embeddings.indices (n,) integer ids "
-                              "must come together")
-    if emb.shape[1] != hidden:
-        raise CheckpointError(f"{source}: 'embeddings.embeddings' rows are {emb.shape[1]} wide but the text encoder's "
-                              f"token embeddings are {hidden} wide; the LoRA was made for a different text encoder")
-    for i, row in sorted(zip(idx.tolist(), emb), key=lambda pair: pair[0]):
-        if i < 0:
-            raise CheckpointError(f"{source}: 'embeddings.indices' holds a negative token id {i}")
-        if i < vocab:
-            lora.tokens.append(TokenEmbedding(int(i), row))
-        elif i - vocab < len(new_tokens):
-            token, regex = new_tokens[i - vocab]
-            lora.tokens.append(TokenEmbedding(str(token), row, regex))
-        else:
-            raise CheckpointError(
-                f"{source}: 'embeddings.indices' holds token id {i}, past the tokenizer's {vocab} entries: a token "
-                "added in training, whose string the official format does not store. Pass its string and init regex, "
-                "e.g. new_tokens=[(\"[fernando]\", \"^dog</w>\")] for the official example (one pair per added token, "
-                f"in id order from {vocab})")
-    return lora
-
-
-def _resolve(name: str, tables: dict) -> Optional[tuple[str, Optional[tuple], str]]:
-    """(model, (module, param, rows), format) of a layer name in the file; target None when that model was not
-    given; None when the name matches no layer."""
-    for prefix, model, fmt in _UNDERSCORE_PREFIXES:
-        if name.startswith(prefix):
-            if tables[model] is None:
-                return model, None, fmt
-            target = tables[model].get(name[len(prefix):])
-            return (model, target, fmt) if target else None
-    for prefix, model in _DOTTED_PREFIXES:
-        if name.startswith(prefix):
-            if tables[model] is None:
-                return model, None, "bare"
-            if name[len(prefix):] in tables[model]:
-                return model, tables[model][name[len(prefix):]], "bare"
-    return None
-
-
-def _read_named(state, stage_c, text_encoder, source) -> LoRAWeights:
-    tables = {STAGE_C: _layer_table(stage_c), TEXT_ENCODER: _layer_table(text_encoder.model) if text_encoder else None}
-    groups: dict[str, dict] = {}
-    tokens: list[TokenEmbedding] = []
-    formats = []
-    for key, t in state.items():
-        if key.startswith("bundle_emb."):
-            tokens += _bundle_embedding(key, t, text_encoder, source)
-            formats.append("onetrainer")
+        if not name or not any(p.search(name) for p in patterns):
             continue
-        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
-        if suffix is None:
-            if any(h in key for h in _VARIANT_HINTS):
-                raise CheckpointError(f"{source}: {key!r} belongs to a LoRA variant (LoHa/LoKr/DoRA/...) that is not "
-                                      "supported; only plain LoRA (lora_down/lora_up) is")
-            raise CheckpointError(f"{source}: unknown LoRA key format, e.g. {key!r}: expected the official "
-                                  "(weights.N.lora_down), kohya (lora_unet_...), OneTrainer (lora_prior_unet_...) or "
-                                  "'<layer>.lora_down.weight' keys")
-        groups.setdefault(key[: -len(suffix)], {})[_SUFFIXES[suffix]] = (key, t)
-    lora = LoRAWeights(tokens=tokens)
-    for name, parts in groups.items():
-        first_key = next(iter(parts.values()))[0]
-        hit = _resolve(name, tables)
-        if hit is None:
-            raise CheckpointError(
-                f"{source}: {first_key!r} matches no layer of this Stage C or text encoder; the LoRA was made for a "
-                "different model (an SD 1.x/SDXL or Stage B LoRA?)")
-        model, target, fmt = hit
-        if target is None:
-            _require_te(None, source, first_key)
-        if "down" not in parts or "up" not in parts:
-            raise CheckpointError(f"{source}: layer {name!r} lacks its {'lora_up' if 'down' in parts else 'lora_down'} "
-                                  "tensor; the file is incomplete")
-        module, param, rows = target
-        d = LayerDelta(model, module, param, parts["down"][1], parts["up"][1], 1.0, rows, key=parts["down"][0])
-        _check_layer(d, stage_c if model == STAGE_C else text_encoder.model, source)
-        if "alpha" in parts:
-            d.scale = float(parts["alpha"][1].float().reshape(-1)[0]) / d.rank
-        lora.layers.append(d)
-        formats.append(fmt)
-    lora.format = "+".join(dict.fromkeys(formats)) or "bare"
-    return lora
+        if isinstance(getattr(m, "in_proj_weight", None), nn.Parameter):
+            targets.append((name, "in_proj_weight"))
+        elif isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
+            targets.append((name, "weight"))
+    return targets
 
 
-def _bundle_embedding(key, t, text_encoder, source) -> list[TokenEmbedding]:
-    parts = key.split(".")
-    if len(parts) != 3 or parts[2] != "clip_g":
-        log.warning("%s: ignoring embedding %r (only clip_g embeddings are used by Stable Cascade)", source, key)
-        return []
-    _require_te(text_encoder, source, key)
-    hidden = text_encoder.model.get_input_embeddings().weight.shape[1]
-    vectors = t.reshape(-1, t.shape[-1]) if t.ndim else t
-    if t.ndim == 0 or vectors.shape[1] != hidden:
-        raise CheckpointError(f"{source}: {key!r} has shape {tuple(t.shape)}; this text encoder needs (n, {hidden})")
-    names = [f"<{parts[1]}>"] + [f"<{parts[1]}>_{i}" for i in range(1, len(vectors))]
-    if len(vectors) > 1:
-        log.warning("%s: embedding %r has %d vectors; write all of %s in the prompt", source, parts[1], len(vectors),
-                    " ".join(names))
-    return [TokenEmbedding(n, v) for n, v in zip(names, vectors)]
-
-
-def _check_layer(d: LayerDelta, model: nn.Module, source: str) -> None:
+def check_layer(d: LayerDelta, model: nn.Module, source: str) -> None:
+    """Raise CheckpointError naming `source` and the layer's key unless `d` fits `model`."""
     where = f"{source}: {d.key!r}"
     if d.down.ndim not in (2, 4) or d.up.ndim != d.down.ndim or d.up.shape[1] != d.down.shape[0] \
             or any(s != 1 for s in d.up.shape[2:]) or d.rank == 0:
@@ -341,6 +163,20 @@ def _check_layer(d: LayerDelta, model: nn.Module, source: str) -> None:
         raise CheckpointError(f"{where} does not fit this model: it changes a {d.shape} weight, but {d.module}."
                               f"{d.param}{'' if d.rows is None else f'[{d.rows[0]}:{d.rows[1]}]'} is {want}. The "
                               "LoRA was made for a different model (e.g. the other Stage C size)")
+
+
+def matching_token_ids(regex: str, vocab: dict, vocab_size: int) -> list[int]:
+    """Ids below `vocab_size` (the base vocabulary) of the tokens whose string matches `regex` (`re.match`)."""
+    pattern = re.compile(regex)
+    return sorted(i for tok, i in vocab.items() if i < vocab_size and pattern.match(tok))
+
+
+def new_token_row(ids: Sequence[int], base: torch.Tensor) -> torch.Tensor:
+    """A new token's starting row: the float32 mean of the rows `ids` of the embedding matrix `base`, zeros (on
+    `base`'s device) if there are none. Used by LoRA loading and training alike."""
+    if not ids:
+        return torch.zeros(base.shape[1], device=base.device)
+    return base[list(ids)].float().mean(0)
 
 
 # ------------------------------------------------------------------------------------------------ applying
@@ -359,16 +195,29 @@ def _lora_sum(w: torch.Tensor, terms) -> torch.Tensor:
     return out.to(w.dtype)
 
 
-class _Adapter(nn.Module):
-    """Parametrization: weight -> weight + Σ scale[name]·Δ, with the scales read live from the manager."""
+class LoRAAdapter(nn.Module):
+    """Parametrization: weight -> weight + Σ scale[name]·Δ, with the scales read live from `scales` (the manager's).
 
-    def __init__(self, items: list[tuple[str, LayerDelta]], scales: dict, device):
+    At inference the factors are buffers; `trainable=True` makes them float32 parameters (`down{i}`, `up{i}`),
+    which is how training builds its LoRA layers. The factors live on `device` (the weight's)."""
+
+    def __init__(self, items: list[tuple[str, LayerDelta]], scales: dict, device, trainable: bool = False):
         super().__init__()
         self.items, self.scales = [], scales
         for i, (name, d) in enumerate(items):
-            self.register_buffer(f"down{i}", d.down.detach().to(device, torch.float32).flatten(1), persistent=False)
-            self.register_buffer(f"up{i}", d.up.detach().to(device, torch.float32).flatten(1), persistent=False)
+            for part, t in (("down", d.down), ("up", d.up)):
+                t = t.detach().to(device, torch.float32).flatten(1)
+                if trainable:
+                    setattr(self, f"{part}{i}", nn.Parameter(t))
+                else:
+                    self.register_buffer(f"{part}{i}", t, persistent=False)
             self.items.append((name, d.scale, d.rows, d.shape))
+
+    def factors(self, i: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(down, up) of term i, shaped as a LoRA file stores them ((r, in[, k, k]), (out, r[, 1, 1]))."""
+        shape = self.items[i][3]
+        down, up = getattr(self, f"down{i}"), getattr(self, f"up{i}")
+        return down.view(down.shape[0], *shape[1:]), up.view(up.shape[0], up.shape[1], *[1] * (len(shape) - 2))
 
     def _delta(self, i, shape):
         return lambda: (getattr(self, f"up{i}") @ getattr(self, f"down{i}")).view(shape)
@@ -395,6 +244,7 @@ class LoRAManager:
         self._parametrized: list[tuple[nn.Module, str]] = []
         self._base_text = None  # (tokenizer, embedding module) replaced while tokens are applied
         self._tokenizer_cache: Optional[tuple[tuple, object]] = None
+        self._output_hook = None  # the forward hook applying output embeddings
 
     # ---------------------------------------------------------------- the set of LoRAs
     def add(self, lora: LoRAWeights, scale: float = 1.0, name: Optional[str] = None) -> str:
@@ -405,7 +255,7 @@ class LoRAManager:
         if lora.needs_text_encoder and self.text_encoder is None:
             raise InputError(f"{lora.source} changes the text encoder, but this LoRAManager has none")
         for d in lora.layers:  # a LoRA read against another model must not half-apply
-            _check_layer(d, self._model(d.model), lora.source)
+            check_layer(d, self._model(d.model), lora.source)
         self.loras[name], self.scales[name] = lora, float(scale)
         self._refresh()
         return name
@@ -453,7 +303,7 @@ class LoRAManager:
                 module = self._model(model).get_submodule(module_path)
                 weight = getattr(module, param)
                 if mode == "adapter":
-                    parametrize.register_parametrization(module, param, _Adapter(items, self.scales, weight.device))
+                    parametrize.register_parametrization(module, param, LoRAAdapter(items, self.scales, weight.device))
                     self._parametrized.append((module, param))
                     continue
                 terms = [(lambda d=d: d.delta(torch.float32, weight.device), self.scales[n], d.rows) for n, d in items]
@@ -495,13 +345,20 @@ class LoRAManager:
             tokenizer = self._tokenizer_cache[1]
         base = emb0.weight.detach()
         rows: dict[int, torch.Tensor] = {}  # float32 rows that change
+        outputs: dict[int, list] = {}  # token id -> [(scale, hidden-state vector)] of output embeddings
         for t, s in items:
             i = t.token if isinstance(t.token, int) else tokenizer.convert_tokens_to_ids(t.token)
             if i not in rows:  # a new token's first mention: its base row from the init regex
                 new_token = isinstance(t.token, str) and t.token in new
-                rows[i] = (self._init_row(t.init_regex, vocab, tokenizer0.vocab_size, base) if new_token
-                           else base[i].float())
-            if s != 0:
+                ids = matching_token_ids(t.init_regex, vocab, tokenizer0.vocab_size) if new_token and t.init_regex \
+                    else []
+                if new_token and t.init_regex and not ids:
+                    log.warning("no vocabulary token matches the init regex %r; %s starts from zeros", t.init_regex,
+                                t.token)
+                rows[i] = new_token_row(ids, base) if new_token else base[i].float()
+            if t.output:
+                outputs.setdefault(i, []).append((s, t.vector))
+            elif s != 0:
                 rows[i] = rows[i] + s * t.vector.to(rows[i])
         weight = torch.cat([base, base.new_zeros(max(0, len(tokenizer) - base.shape[0]), base.shape[1])])
         for i, row in rows.items():
@@ -510,19 +367,13 @@ class LoRAManager:
         self._base_text = (tokenizer0, emb0)
         te.model.set_input_embeddings(emb)
         te.tokenizer = tokenizer
-
-    @staticmethod
-    def _init_row(regex, vocab, vocab_size, base) -> torch.Tensor:
-        if not regex:
-            return torch.zeros(base.shape[1], device=base.device)
-        pattern = re.compile(regex)
-        ids = [i for tok, i in vocab.items() if i < vocab_size and pattern.match(tok)]
-        if not ids:
-            log.warning("no vocabulary token matches the init regex %r; the new token starts from zeros", regex)
-            return torch.zeros(base.shape[1], device=base.device)
-        return base[sorted(ids)].float().mean(0)
+        if outputs:
+            self._output_hook = te.model.register_forward_hook(_output_embedding_hook(outputs), with_kwargs=True)
 
     def _restore_tokens(self) -> None:
+        if self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
         if self._base_text is not None:
             tokenizer0, emb0 = self._base_text
             self.text_encoder.model.set_input_embeddings(emb0)
@@ -530,55 +381,21 @@ class LoRAManager:
             self._base_text = None
 
 
-# ------------------------------------------------------------------------------------------------ saving
-def save_lora(path, lora: LoRAWeights, stage_c: nn.Module, *, metadata: Optional[dict] = None) -> None:
-    """Write `lora` in the official format (loadable by the official code), plus metadata: JSON strings "rank",
-    "new_tokens" ([[token, init regex], ...] in id order from "vocab_size") and "format".
+def _output_embedding_hook(outputs: dict):
+    """A forward hook on the CLIP text model: the last hidden state (what Stage C reads) at each position holding
+    one of `outputs`' token ids becomes (1 − s)·h + s·vector, summed over the LoRAs that set it."""
 
-    Only Stage C attention layers (in_proj / out_proj, whole or q/k/v rows) can be stored. Ranks and scales are
-    folded into one rank R for all layers (scale 1/R as the official loader assumes): layers with a lower rank are
-    zero-padded, q/k/v row deltas are stacked into one in_proj update, absent layers are zeros."""
-    order = official_layer_order(stage_c)
-    index = {target: i for i, target in enumerate(order)}
-    downs: dict[int, list] = {}
-    ups: dict[int, list] = {}
-    for d in lora.layers:
-        i = index.get((d.module, d.param)) if d.model == STAGE_C else None
-        if i is None or d.down.ndim != 2:
-            raise InputError(f"{d.key or d.module}: only Stage C attention layers (in_proj/out_proj) can be saved in "
-                             "the official LoRA format")
-        up = d.up.detach().float() * d.scale
-        if d.rows is not None:
-            full = torch.zeros(getattr(stage_c.get_submodule(d.module), d.param).shape[0], d.rank)
-            full[d.rows[0]: d.rows[1]] = up
-            up = full
-        downs.setdefault(i, []).append(d.down.detach().float().cpu())
-        ups.setdefault(i, []).append(up.cpu())
-    rank = max([sum(t.shape[0] for t in v) for v in downs.values()] + [1])
-    state = {}
-    for i, (module, param) in enumerate(order):
-        out_dim, in_dim = getattr(stage_c.get_submodule(module), param).shape
-        down, up = torch.zeros(rank, in_dim), torch.zeros(out_dim, rank)
-        if i in downs:
-            d_cat, u_cat = torch.cat(downs[i]), torch.cat(ups[i], dim=1)
-            down[: d_cat.shape[0]], up[:, : u_cat.shape[1]] = d_cat, u_cat * rank
-        state[f"weights.{i}.lora_down"], state[f"weights.{i}.lora_up"] = down.contiguous(), up.contiguous()
-    rows: dict[int, torch.Tensor] = {}
-    new: dict[str, tuple[int, Optional[str]]] = {}
-    for t in lora.tokens:
-        if isinstance(t.token, str):
-            if t.token not in new:
-                new[t.token] = (lora.vocab_size + len(new), t.init_regex)
-            i = new[t.token][0]
-        else:
-            i = t.token
-        rows[i] = rows.get(i, 0) + t.vector.detach().float().cpu()
-    if rows:
-        ids = sorted(rows)
-        state["embeddings.embeddings"] = torch.stack([rows[i] for i in ids]).contiguous()
-        state["embeddings.indices"] = torch.tensor(ids, dtype=torch.int64)
-    meta = {"format": "stablecascade-lora", "rank": str(rank), "alpha": "1", "vocab_size": str(lora.vocab_size),
-            "new_tokens": json.dumps([[tok, regex] for tok, (_, regex) in new.items()])}
-    meta.update({str(k): str(v) for k, v in (metadata or {}).items()})
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=meta)
+    def hook(module, args, kwargs, out):
+        ids = args[0] if args else kwargs.get("input_ids")
+        if ids is None or not out.hidden_states:
+            return out
+        h = out.hidden_states[-1]
+        new = h.float()
+        for i, terms in outputs.items():
+            where = (ids == i).unsqueeze(-1)
+            for s, vector in terms:
+                new = torch.where(where, (1 - s) * new + s * vector.to(new), new)
+        out.hidden_states = (*out.hidden_states[:-1], new.to(h.dtype))
+        return out
+
+    return hook

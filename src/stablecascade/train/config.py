@@ -29,11 +29,12 @@ class TrainConfig:
     seed: int = 0
 
     # -- models: a checkpoint path (official file or diffusers folder), or "new:<config name>" for a fresh model
-    # of a named config in `stablecascade.configs` (e.g. "new:tiny") or "new:nano"
+    # of a named config in `stablecascade.configs` (e.g. "new:tiny") or "new:nano"; "nano" is the built-in nano
+    # model's part (stage_c, stage_b, stage_a, effnet, previewer, text_encoder)
     stage_c: Optional[str] = None
     stage_b: Optional[str] = None
     stage_a: Optional[str] = None
-    effnet: Optional[str] = None  # official EfficientNet file, or "nano" for the small trainable-free encoder
+    effnet: Optional[str] = None  # official EfficientNet file, "nano" (the nano model's encoder) or "nano:<file>"
     previewer: Optional[str] = None
     text_encoder: Optional[str] = None  # transformers folder (with tokenizer/ next to it or inside), or "tiny"
     tokenizer: Optional[str] = None
@@ -82,8 +83,13 @@ class TrainConfig:
     # -- LoRA
     lora_rank: int = 4
     lora_alpha: Optional[float] = None  # None = 1 (the official scale 1/rank)
-    lora_filters: list = field(default_factory=lambda: [".attn"])
+    # the layers LoRAs train: a preset (Stage C: attention | attention_ff | all; text encoder: attention | all)
+    # or a list of regular expressions searched in module paths; null = none
+    lora_layers: Union[str, list, None] = "attention"
+    lora_text_layers: Union[str, list, None] = None
+    lora_format: str = "auto"  # auto (official when it holds every trained layer, else kohya) | official | kohya
     train_tokens: list = field(default_factory=list)  # [[token or regex, init regex or null], ...]
+    token_lr: Optional[float] = None  # learning rate of the trained token rows; None = lr
 
     # -- ControlNet
     controlnet_kind: str = "canny"  # one of controlnets.TRAINABLE
@@ -117,6 +123,16 @@ class TrainConfig:
         choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
+        choice("lora_format", ("auto", "official", "kohya"))
+        from ..models.lora import LAYER_PRESETS, STAGE_C, TEXT_ENCODER
+
+        for name, which in (("lora_layers", STAGE_C), ("lora_text_layers", TEXT_ENCODER)):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in LAYER_PRESETS[which]:
+                raise ConfigError(f"{name}: {value!r} is not one of {', '.join(LAYER_PRESETS[which])} (or give a "
+                                  "list of regular expressions matching module paths)")
+            if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a preset name or a list of regular expressions, got {value!r}")
         for name in ("steps", "batch_size", "grad_accum_steps", "image_size", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -154,7 +170,8 @@ def _coerce(name: str, value: Any) -> Any:
     """Check a value against the field's default type (ints may stand for floats; None for optional fields)."""
     f = FIELDS[name]
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if value is None or default is None:
+    if value is None or default is None or (name in ("lora_layers", "lora_text_layers")
+                                            and isinstance(value, (str, list))):
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -171,7 +188,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a string, got {value!r}")
         value = str(value)
     elif isinstance(default, list):
-        if isinstance(value, (str, int, float)) and name in ("data", "sample_prompts", "lora_filters"):
+        if isinstance(value, (str, int, float)) and name in ("data", "sample_prompts"):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")
@@ -231,7 +248,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if "task" in data and data["task"] != task:
             raise ConfigError(f"the config trains task {data['task']!r} but the command asks for {task!r}")
         data["task"] = task
-    for key in ("lr", "weight_decay", "adam_eps", "ema_beta", "lora_alpha", "offset_noise", "max_grad_norm"):
+    for key in ("lr", "weight_decay", "adam_eps", "ema_beta", "lora_alpha", "offset_noise", "max_grad_norm", "token_lr"):
         if isinstance(data.get(key), str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 data[key] = float(data[key])

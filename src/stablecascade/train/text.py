@@ -62,19 +62,3 @@ def encode_text(model, tokenizer, prompts, device) -> tuple[torch.Tensor, torch.
     ids = tokenizer(list(prompts), padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     out = model(ids.input_ids.to(device), attention_mask=ids.attention_mask.to(device), output_hidden_states=True)
     return out.hidden_states[-1], out.text_embeds.unsqueeze(1)
-
-
-def load_text_encoder(spec: str, tokenizer_path=None):
-    """(tokenizer, model) from "tiny" (seeded 32-wide model) or a transformers folder (tokenizer from
-    `tokenizer_path`, the folder itself, or a sibling `tokenizer/`)."""
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-    if spec == "tiny":
-        return clip_tokenizer(), small_text_model()
-    path = Path(spec)
-    model = CLIPTextModelWithProjection.from_pretrained(str(path))
-    candidates = [Path(tokenizer_path)] if tokenizer_path else [path, path.parent / "tokenizer"]
-    for c in candidates:
-        if (c / "tokenizer_config.json").is_file() or (c / "vocab.json").is_file():
-            return AutoTokenizer.from_pretrained(str(c)), model.eval()
-    return clip_tokenizer(), model.eval()

@@ -28,9 +28,11 @@ from torch import nn
 from .. import checkpoints, configs, diffusion
 from ..models import StageA, StageB, StageC
 from . import data as data_mod
-from .config import TrainConfig
+from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAWeights, TokenEmbedding,
+                           lora_targets, matching_token_ids, new_token_row)
+from .config import ConfigError, TrainConfig
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
-from .text import encode_text, load_text_encoder
+from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
@@ -79,8 +81,22 @@ class Dist:
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
+NANO_PARTS = {"stage_c": "prior/prior", "text_encoder": "prior/text_encoder", "stage_b": "decoder/decoder",
+              "stage_a": "decoder/vqgan", "effnet": "nano_encoder.safetensors", "previewer": "previewer.safetensors"}
+
+
+def nano_part(spec: Optional[str], part: str) -> Optional[str]:
+    """"nano" names a part of the built-in nano model, so recipes for it need no paths; other specs pass through."""
+    if spec != "nano":
+        return spec
+    from ..pipeline import NANO_DIR
+
+    return str(NANO_DIR / NANO_PARTS[part])
+
+
 def build_or_load(spec: str, kind: str) -> nn.Module:
-    """"new:<config>" -> a freshly initialised model of a named config; otherwise a checkpoint path."""
+    """"new:<config>" -> a freshly initialised model of a named config; "nano" -> the built-in nano model's part;
+    otherwise a checkpoint path."""
     if spec.startswith("new:"):
         name = spec[4:]
         if kind == "stage_c":
@@ -90,17 +106,32 @@ def build_or_load(spec: str, kind: str) -> nn.Module:
         if kind == "stage_a":
             return StageA(configs.STAGE_A[name])
         raise ValueError(f"cannot create a new {kind}")
-    return checkpoints.load_component(spec, kind, dtype=torch.float32)
+    return checkpoints.load_component(nano_part(spec, kind), kind, dtype=torch.float32)
 
 
 def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
+    """"nano" is the built-in nano model's trained encoder; "nano:<file>" another NanoEncoder; else an official
+    EfficientNet file."""
     if spec is None:
         return None
-    if spec.startswith("nano"):
+    if spec == "nano" or spec.startswith("nano:"):
         from ..models.effnet import load_nano_encoder
 
-        return load_nano_encoder(None if spec == "nano" else spec.split(":", 1)[1])
+        return load_nano_encoder(nano_part(spec, "effnet") if spec == "nano" else spec.split(":", 1)[1])
     return checkpoints.load_official(spec, "effnet", dtype=torch.float32)
+
+
+def load_training_text_encoder(spec: Optional[str], tokenizer: Optional[str] = None):
+    """(tokenizer, model) in float32, whatever dtype the file stores (token embeddings and text-encoder LoRAs
+    train in float32): "tiny" is the seeded 32-wide test model, anything else a transformers folder."""
+    if spec is None:
+        return None
+    if spec == "tiny":
+        return clip_tokenizer(), small_text_model()
+    from ..conditioning import load_text_encoder
+
+    te = load_text_encoder(nano_part(spec, "text_encoder"), tokenizer, dtype=torch.float32)
+    return te.tokenizer, te.model
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -129,96 +160,131 @@ def set_dropout(model: nn.Module, p: float) -> None:
             m.dropout = p
 
 
-class LoRAParam(nn.Module):
-    """W + scale · up @ down (a parametrization): down starts at zero, up ~ N(0,1), as the official LoRA."""
-
-    def __init__(self, out_dim: int, in_dim: int, rank: int, scale: float):
-        super().__init__()
-        self.down = nn.Parameter(torch.zeros(rank, in_dim))
-        self.up = nn.Parameter(torch.randn(out_dim, rank))
-        self.scale = scale
-
-    def forward(self, w):
-        return w + (self.up @ self.down).mul(self.scale).view(w.shape).to(w.dtype)
-
-
 class TokenDelta(nn.Module):
-    """Learned additions to selected rows of the token-embedding matrix."""
+    """Learned additions to selected rows of the token-embedding matrix (a parametrization), on its device."""
 
-    def __init__(self, indices: list[int], hidden: int):
+    def __init__(self, indices: list[int], hidden: int, device):
         super().__init__()
-        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long))
-        self.delta = nn.Parameter(torch.zeros(len(indices), hidden))
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=device))
+        self.delta = nn.Parameter(torch.zeros(len(indices), hidden, device=device))
 
     def forward(self, w):
-        return w.index_add(0, self.indices.to(w.device), self.delta.to(w.dtype))
+        return w.index_add(0, self.indices, self.delta.to(w.dtype))
+
+
+def _is_new_token(token: str) -> bool:
+    return (token.startswith("[") and token.endswith("]")) or (token.startswith("<") and token.endswith(">"))
 
 
 class LoRAModel(nn.Module):
-    """What LoRA training optimises: the LoRA factors of Stage C's matching layers and the token deltas; its
-    forward runs the (frozen, eval-mode) Stage C and text encoder through them."""
+    """What LoRA training optimises: LoRA factors on the chosen layers of Stage C (`lora_layers`) and of the text
+    encoder (`lora_text_layers`), the inference adapter (`models.lora.LoRAAdapter`) with trainable factors, and the
+    rows of the trained tokens; its forward runs the frozen, eval-mode Stage C and text encoder through them.
+    Everything is built on the device of the weights it changes. The file format of the export is decided here,
+    before training: official when it can hold every layer, kohya otherwise (`lora_format` may insist on one)."""
 
-    def __init__(self, stage_c: nn.Module, text_model, tokenizer, cfg: TrainConfig):
+    def __init__(self, stage_c: nn.Module, text_model, tokenizer, cfg: TrainConfig,
+                 generator: Optional[torch.Generator] = None):
         super().__init__()
-        from torch.nn.utils import parametrize
-
         self.__dict__["stage_c"], self.__dict__["text_model"], self.tokenizer = stage_c, text_model, tokenizer
-        rank, alpha = cfg.lora_rank, cfg.lora_alpha if cfg.lora_alpha is not None else 1.0
-        self.layers = nn.ModuleDict()
-        self.targets: list[tuple[str, str]] = []
-        found = [(n, m) for n, m in stage_c.named_modules() if any(f in n for f in cfg.lora_filters)]
-        for name, m in found:
-            param = "weight" if isinstance(getattr(m, "weight", None), nn.Parameter) else (
-                "in_proj_weight" if isinstance(getattr(m, "in_proj_weight", None), nn.Parameter) else None)
-            if param is None:
-                continue
-            w = getattr(m, param)
-            if w.dim() != 2:
-                continue
-            lora = LoRAParam(w.shape[0], w.shape[1], rank, alpha / rank)
-            self.layers[str(len(self.targets))] = lora
-            self.targets.append((name, param))
-            parametrize.register_parametrization(m, param, lora)
-        if not self.targets:
-            raise ValueError(f"no Stage C layer matches lora_filters {cfg.lora_filters}")
+        generator = generator or torch.Generator().manual_seed(cfg.seed)
         self.base_vocab = len(tokenizer)
         self.tokens: list[tuple] = []  # (token str or id, init regex, id)
+        self.init_rows: dict[int, torch.Tensor] = {}  # new token id -> its starting row (float32)
         self.tokens_delta = None
         if cfg.train_tokens:
             self._prepare_tokens(cfg.train_tokens)
+        rank, alpha = cfg.lora_rank, cfg.lora_alpha if cfg.lora_alpha is not None else 1.0
+        self.layers = nn.ModuleDict()
+        self.targets: list[tuple[str, str, str]] = []  # (model, module, parameter) per entry of self.layers
+        for which, model, layers in ((STAGE_C, stage_c, cfg.lora_layers), (TEXT_ENCODER, text_model,
+                                                                            cfg.lora_text_layers)):
+            chosen = lora_targets(model, layers, which) if layers else []
+            if layers and not chosen:
+                raise ConfigError(f"lora_{'text_' if which == TEXT_ENCODER else ''}layers: {layers!r} matches no "
+                                  f"layer of the {which.replace('_', ' ')}")
+            for module, param in chosen:
+                self._add_layer(which, model, module, param, rank, alpha / rank, generator)
+        if not self.targets and self.tokens_delta is None:
+            raise ConfigError("a LoRA run needs lora_layers, lora_text_layers or train_tokens")
+        self.export_format = self._export_format(cfg.lora_format)
+
+    def _add_layer(self, which, model, module, param, rank, scale, generator):
+        """A LoRA on `module.param`: down starts at zero, up ~ N(0, 1), as the official LoRA (drawn on the CPU)."""
+        from torch.nn.utils import parametrize
+
+        m = model.get_submodule(module)
+        w = getattr(m, param)
+        down = torch.zeros(rank, *w.shape[1:])
+        up = torch.randn(w.shape[0], rank, *[1] * (w.dim() - 2), generator=generator)
+        adapter = LoRAAdapter([("lora", LayerDelta(which, module, param, down, up, scale))], {"lora": 1.0}, w.device,
+                              trainable=True)
+        self.layers[str(len(self.targets))] = adapter
+        self.targets.append((which, module, param))
+        parametrize.register_parametrization(m, param, adapter)
 
     def _prepare_tokens(self, entries):
-        import re
-
         from torch.nn.utils import parametrize
 
         emb = self.text_model.get_input_embeddings()
-        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])[: self.base_vocab]
+        base = emb.weight.detach()
+        vocab = self.tokenizer.get_vocab()
         ids, new_rows = [], []
         for token, init in entries:
-            if (token.startswith("[") and token.endswith("]")) or (token.startswith("<") and token.endswith(">")):
+            if _is_new_token(token):
+                if token in vocab:
+                    raise ConfigError(f"train_tokens: {token!r} is already in the tokenizer's vocabulary")
+                init_ids = matching_token_ids(init, vocab, self.base_vocab) if init else []
+                if init and not init_ids:
+                    raise ConfigError(f"train_tokens: the init regex {init!r} of {token!r} matches no vocabulary token "
+                                      "(they look like 'dog</w>'); fix it, or use null to start from zeros")
                 self.tokenizer.add_tokens([token])
                 new_id = self.tokenizer.convert_tokens_to_ids(token)
-                matches = [i for s, i in vocab if init is not None and re.match(init, s)]
-                base = emb.weight[matches].mean(0) if matches else torch.zeros(emb.weight.shape[1])
-                new_rows.append(base.detach())
+                new_rows.append(new_token_row(init_ids, base))
+                self.init_rows[new_id] = new_rows[-1]
                 ids.append(new_id)
                 self.tokens.append((token, init, new_id))
             else:
-                for s, i in vocab:
-                    if re.match(token, s):
-                        ids.append(i)
-                        self.tokens.append((i, None, i))
+                matched = matching_token_ids(token, vocab, self.base_vocab)
+                if not matched:
+                    raise ConfigError(f"train_tokens: {token!r} matches no vocabulary token (they look like "
+                                      "'dog</w>'); to add a new token write it in brackets, e.g. [mytoken]")
+                ids += matched
+                self.tokens += [(i, None, i) for i in matched]
         if new_rows:
-            old = emb.weight.data
-            self.text_model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-            emb = self.text_model.get_input_embeddings()
-            emb.weight.data[: old.shape[0]] = old
-            emb.weight.data[old.shape[0]:] = torch.stack(new_rows)
-            emb.weight.requires_grad_(False)
-        if ids:
-            self.tokens_delta = TokenDelta(ids, emb.weight.shape[1])
-            parametrize.register_parametrization(emb, "weight", self.tokens_delta)
+            weight = torch.cat([base, torch.stack(new_rows).to(base.dtype)])
+            emb = nn.Embedding.from_pretrained(weight, freeze=True, padding_idx=emb.padding_idx)
+            self.text_model.set_input_embeddings(emb)
+        self.tokens_delta = TokenDelta(ids, base.shape[1], base.device)
+        parametrize.register_parametrization(emb, "weight", self.tokens_delta)
+
+    def _export_format(self, wanted: str) -> str:
+        from ..lora_formats import official_fits
+
+        fits = official_fits(self.targets, self.stage_c)
+        vocab_rows = [t for t, _, _ in self.tokens if isinstance(t, int)]
+        if wanted == "official" and not fits:
+            other = next(t for t in self.targets if not official_fits([t], self.stage_c))
+            raise ConfigError(f"lora_format: official holds only Stage C attention layers (lora_layers: attention, no "
+                              f"lora_text_layers), but {other[1]} of the {other[0].replace('_', ' ')} is trained; use "
+                              "lora_format: kohya (or auto)")
+        fmt = "official" if wanted == "auto" and fits else ("kohya" if wanted == "auto" else wanted)
+        if fmt == "kohya" and vocab_rows:
+            raise ConfigError("train_tokens that change existing vocabulary rows can only be saved in the official "
+                              "LoRA format, which holds only Stage C attention layers; train new tokens ([name]) "
+                              "instead, or use lora_layers: attention without lora_text_layers")
+        return fmt
+
+    def param_groups(self, lr: float, token_lr: Optional[float]) -> list[dict]:
+        """The LoRA factors at `lr`; the token rows at `token_lr` (default `lr`), as a "lr_scale" the schedule keeps."""
+        groups = [{"params": [p for p in self.layers.parameters()]}] if self.targets else []
+        if self.tokens_delta is not None:
+            groups.append({"params": [self.tokens_delta.delta], "lr_scale": (token_lr or lr) / lr})
+        return groups
+
+    def trainable(self) -> nn.Module:
+        """The trained parts alone (same state-dict keys as this module), e.g. to keep an EMA of them."""
+        return nn.ModuleDict(dict(self.named_children()))
 
     def encode(self, prompts, device):
         return encode_text(self.text_model, self.tokenizer, prompts, device)
@@ -227,16 +293,30 @@ class LoRAModel(nn.Module):
         text, pooled = self.encode(prompts, x.device)
         return self.stage_c(x, r, clip_text=text, clip_text_pooled=pooled, clip_img=clip_img)
 
-    def lora_weights(self):
-        from ..models.lora import LayerDelta, LoRAWeights, TokenEmbedding
-
-        layers = [LayerDelta("stage_c", module, param, lora.down.detach().cpu(), lora.up.detach().cpu(),
-                             scale=lora.scale) for (module, param), lora in zip(self.targets, self.layers.values())]
+    def lora_weights(self, source: Optional[nn.Module] = None) -> LoRAWeights:
+        """The trained LoRA (of `source`, e.g. the EMA from `trainable()`, default this module) as the files hold it:
+        for the kohya format new tokens carry their whole row (starting row + learned change)."""
+        source = source or self
+        layers = []
+        for (which, module, param), adapter in zip(self.targets, source.layers.values()):
+            down, up = adapter.factors()
+            layers.append(LayerDelta(which, module, param, down.detach().cpu(), up.detach().cpu(),
+                                     scale=adapter.items[0][1]))
         tokens = []
-        if self.tokens_delta is not None:
-            for (token, init, _), vec in zip(self.tokens, self.tokens_delta.delta.detach().cpu()):
-                tokens.append(TokenEmbedding(token, vec, init))
+        delta = getattr(source, "tokens_delta", None)
+        if delta is not None:
+            for (token, init, i), vec in zip(self.tokens, delta.delta.detach().float().cpu()):
+                if self.export_format == "kohya":
+                    tokens.append(TokenEmbedding(token, self.init_rows[i].cpu() + vec))
+                else:
+                    tokens.append(TokenEmbedding(token, vec, init))
         return LoRAWeights(layers=layers, tokens=tokens, vocab_size=self.base_vocab)
+
+    def save(self, path, source: Optional[nn.Module] = None, metadata: Optional[dict] = None) -> Path:
+        from ..lora_formats import save_lora
+
+        save_lora(path, self.lora_weights(source), self.stage_c, format=self.export_format, metadata=metadata)
+        return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
@@ -269,14 +349,16 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + 17 + self.dist.rank)  # model dropout: per rank
         self.loss_weight = AdaptiveLossWeight(cfg.adaptive_buckets, beta=cfg.adaptive_beta) \
             if cfg.loss_weight == "adaptive" else None
-        params = [p for p in self.net.parameters() if p.requires_grad]
+        params = self.trained.param_groups(cfg.lr, cfg.token_lr) if cfg.task == "lora" else \
+            [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                                            weight_decay=cfg.weight_decay)
         self.step = 0
         self.history: list[dict] = []
         self.ema = None
         if cfg.ema_beta is not None:
-            self.ema = _strip_checkpointing(copy.deepcopy(self.trained)).requires_grad_(False)
+            trained = self.trained.trainable() if cfg.task == "lora" else self.trained  # not the frozen base
+            self.ema = _strip_checkpointing(copy.deepcopy(trained)).requires_grad_(False)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
         self._resume()
 
@@ -288,8 +370,9 @@ class Trainer:
         self.stage_a = parts.get("stage_a") or (build_or_load(cfg.stage_a, "stage_a") if cfg.stage_a else None)
         self.effnet = parts.get("effnet") or load_effnet(cfg.effnet)
         self.previewer = parts.get("previewer") or (
-            checkpoints.load_official(cfg.previewer, "previewer", dtype=torch.float32) if cfg.previewer else None)
-        text = parts.get("text") or (load_text_encoder(cfg.text_encoder, cfg.tokenizer) if cfg.text_encoder else None)
+            checkpoints.load_official(nano_part(cfg.previewer, "previewer"), "previewer", dtype=torch.float32)
+            if cfg.previewer else None)
+        text = parts.get("text") or load_training_text_encoder(cfg.text_encoder, cfg.tokenizer)
         self.tokenizer, self.text_model = text if text else (None, None)
         self.image_encoder = parts.get("image_encoder")
         if self.image_encoder is None and cfg.image_encoder:
@@ -313,7 +396,11 @@ class Trainer:
             if cfg.gradient_checkpointing:
                 enable_checkpointing(trained)
         elif task == "lora":
-            trained = LoRAModel(self.stage_c, self.text_model, self.tokenizer, cfg).to(self.device)
+            trained = LoRAModel(self.stage_c, self.text_model, self.tokenizer, cfg)
+            if self.dist.main:
+                counts = {w: sum(t[0] == w for t in trained.targets) for w in (STAGE_C, TEXT_ENCODER)}
+                log.info("LoRA on %d Stage C and %d text-encoder layers, %d trained tokens; it will be saved in the %s "
+                         "format", counts[STAGE_C], counts[TEXT_ENCODER], len(trained.tokens), trained.export_format)
         else:
             trained = parts.get("controlnet") or self._controlnet()
             trained.to(self.device)
@@ -470,7 +557,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self._lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         raws, lams = [], []
         for k in range(cfg.grad_accum_steps):
             batch = next(self.sampler)
@@ -629,13 +716,12 @@ class Trainer:
         final = self.out / "final"
         final.mkdir(parents=True, exist_ok=True)
         task = self.cfg.task
-        if task == "lora":
-            from ..models.lora import save_lora
-
+        if task == "lora":  # lora.safetensors, and with ema_beta also lora_ema.safetensors (the EMA weights)
             self.trained.load_state_dict(model_state)
-            save_lora(final / "lora.safetensors", self.trained.lora_weights(), self.stage_c,
-                      metadata={"steps": self.step})
-            return final / "lora.safetensors"
+            meta = {"steps": self.step}
+            if self.ema is not None:
+                self.trained.save(final / "lora_ema.safetensors", self.ema, metadata={**meta, "ema_beta": self.cfg.ema_beta})
+            return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
         model = copy.deepcopy(self.trained).cpu()
         _strip_checkpointing(model)
