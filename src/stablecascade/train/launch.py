@@ -21,13 +21,18 @@ def _worker(rank: int, world: int, port: int, cfg: dict, report_dir: str) -> Non
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from . import train
     from .config import from_dict
     from .statefile import write_state
+    from .trainer import Trainer
 
-    trainer = train(from_dict(cfg).validate())
-    state = trainer.trained.state_dict()  # under FSDP each rank's shards: full_tensor() gathers them on every rank
-    state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone() for k, v in state.items()}
+    trainer = Trainer(from_dict(cfg).validate())
+    try:
+        trainer.fit()
+        # under FSDP each rank holds shards: full_tensor() gathers them (a collective, before the group closes)
+        state = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu().clone()
+                 for k, v in trainer.trained.state_dict().items()}
+    finally:
+        trainer.dist.close()
     write_state(Path(report_dir), f"rank{rank}", {"history": trainer.history, "state": state})
 
 
