@@ -158,3 +158,31 @@ print("RESUMED AT", Trainer(cfg).step)
 def test_image_size_must_fit_the_latent_grid(tmp_path, folder):
     with pytest.raises(ConfigError, match="image_size must be a multiple of 32.*got 50; e.g. 64"):
         _cfg(tmp_path, folder, image_size=50)
+
+
+def test_data_patterns_absolute_globs_and_braces(tmp_path, folder):
+    import tarfile
+
+    from stablecascade.train.data import index_sources
+
+    for n in range(3):
+        with tarfile.open(tmp_path / f"shard-{n:03d}.tar", "w") as tar:
+            tar.add(folder / f"{n}.png", arcname=f"{n:05d}.png")
+            tar.add(folder / f"{n}.txt", arcname=f"{n:05d}.txt")
+    assert len(index_sources([str(tmp_path / "shard-*.tar")])) == 3  # an absolute glob
+    braces = index_sources([str(tmp_path / "shard-{000..001}.tar"), str(tmp_path / "shard-{002,002}.tar")])
+    assert [e.source for e in braces] == [str(tmp_path / f"shard-{n:03d}.tar") for n in (0, 1, 2, 2)]
+    with pytest.raises(FileNotFoundError, match="shard-003.tar"):
+        index_sources([str(tmp_path / "shard-{002..003}.tar")])
+    with pytest.raises(FileNotFoundError, match=r"pattern .*nothing-\*.tar matches no file"):
+        index_sources([str(tmp_path / "nothing-*.tar")])
+    with pytest.raises(ValueError, match=r"\{a\} is neither a range"):
+        index_sources([str(tmp_path / "shard-{a}.tar")])
+
+def test_cli_unwritable_output_dir_is_one_line_and_exit_2(tmp_path, folder, capsys):
+    from stablecascade.train import cli_main
+
+    (tmp_path / "file").write_text("")
+    assert cli_main(["c", "--set", f"data={folder}", "--set", f"output_dir={tmp_path / 'file'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: output_dir {tmp_path / 'file'} cannot be written") and "Traceback" not in err
