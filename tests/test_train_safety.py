@@ -186,3 +186,40 @@ def test_cli_unwritable_output_dir_is_one_line_and_exit_2(tmp_path, folder, caps
     assert cli_main(["c", "--set", f"data={folder}", "--set", f"output_dir={tmp_path / 'file'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: output_dir {tmp_path / 'file'} cannot be written") and "Traceback" not in err
+
+
+def test_effnet_controlnet_starts_from_imagenet_weights(tmp_path, folder, monkeypatch, caplog):
+    """torchvision's ImageNet weights (here a seeded stand-in with the same keys, in torchvision's cache layout)
+    initialise a new effnet-kind ControlNet's backbone; without them it says it starts random."""
+    import logging
+
+    from safetensors.torch import save_file
+    from torchvision.models import EfficientNet_V2_S_Weights, efficientnet_v2_s
+
+    from test_train import _random_stage_c
+
+    stage_c = _random_stage_c(tmp_path / "c.safetensors")
+    torch.manual_seed(5)
+    imagenet = efficientnet_v2_s(weights=None).state_dict()
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(imagenet, cache / EfficientNet_V2_S_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1])
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cfg = _cfg(tmp_path, folder, "controlnet", stage_c=str(stage_c), controlnet_kind="canny")
+    backbone = Trainer(cfg).trained.backbone.state_dict()
+    assert backbone["0.0.weight"].shape[1] == 1  # a canny edge map: the stem conv alone stays random
+    for k, v in backbone.items():
+        assert torch.equal(v, imagenet[f"features.{k}"]) or k == "0.0.weight", k
+
+    # an inpaint ControlNet (4-channel input) from a safetensors copy: all but its stem conv
+    save_file({k: v.contiguous() for k, v in imagenet.items()}, str(tmp_path / "effnet.safetensors"))
+    cfg = _cfg(tmp_path / "b", folder, "controlnet", stage_c=str(stage_c), controlnet_kind="inpaint",
+               controlnet_bottleneck="effnet", controlnet_backbone_weights=str(tmp_path / "effnet.safetensors"))
+    backbone = Trainer(cfg).trained.backbone.state_dict()
+    assert backbone["0.0.weight"].shape[1] == 4
+    assert all(torch.equal(v, imagenet[f"features.{k}"]) for k, v in backbone.items() if k != "0.0.weight")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with caplog.at_level(logging.WARNING, "stablecascade.train"):
+        Trainer(_cfg(tmp_path / "c", folder, "controlnet", stage_c=str(stage_c), controlnet_kind="canny"))
+    assert "starts from RANDOM weights" in caplog.text and "controlnet_backbone_weights" in caplog.text

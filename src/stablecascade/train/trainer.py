@@ -143,6 +143,44 @@ def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
     return checkpoints.load_official(spec, "effnet", dtype=torch.float32)
 
 
+def load_imagenet_backbone(backbone: nn.Module, path: Optional[str]) -> None:
+    """Start an effnet-bottleneck ControlNet from torchvision's ImageNet EfficientNetV2-S features, as the released
+    ControlNets were: from `path` (torchvision's .pth, read with torch's tensors-only loader, or a safetensors copy)
+    or, without one, from torchvision's download cache. A stem conv of another input width stays random."""
+    from torchvision.models import EfficientNet_V2_S_Weights
+
+    if path is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / EfficientNet_V2_S_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+        if not cached.is_file():
+            log.warning("the ControlNet's EfficientNet backbone starts from RANDOM weights: torchvision's ImageNet "
+                        "efficientnet_v2_s weights are not at %s; set controlnet_backbone_weights=PATH to use them",
+                        cached)
+            return
+        path = str(cached)
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"controlnet_backbone_weights: {file} not found")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:  # weights_only: tensors and containers only, never code
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader error means the same thing to the user
+        raise CheckpointError(f"controlnet_backbone_weights: {file} cannot be read ({e})") from None
+    own = backbone.state_dict()
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    usable = {k: v for k, v in features.items() if k in own and own[k].shape == v.shape}
+    random_left = sorted(set(own) - set(usable))
+    if len(random_left) > 1:  # at most the stem conv of a control input that is not RGB
+        raise CheckpointError(f"controlnet_backbone_weights: {file} is not torchvision's efficientnet_v2_s "
+                              f"(no match for {random_left[:3]}...)")
+    backbone.load_state_dict(usable, strict=False)
+    log.info("ControlNet backbone: ImageNet EfficientNetV2-S weights from %s%s", file,
+             f" ({random_left[0]} random: the control input is not RGB)" if random_left else "")
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Recompute every U-Net block's activations in the backward pass (memory for compute)."""
     from torch.utils.checkpoint import checkpoint
@@ -377,9 +415,12 @@ class Trainer:
         calls = self.stage_c.resblock_calls
         blocks = cfg.controlnet_blocks or (list(base.proj_blocks) if calls == 64 else
                                            sorted({0, calls // 4, calls // 2, calls - 1}))
-        return ControlNet(ControlNetConfig(c_in=base.c_in, c_proj=self.stage_c.config.c_hidden[0],
+        cnet = ControlNet(ControlNetConfig(c_in=base.c_in, c_proj=self.stage_c.config.c_hidden[0],
                                            proj_blocks=tuple(blocks),
                                            bottleneck_mode=cfg.controlnet_bottleneck or base.bottleneck_mode))
+        if cnet.config.bottleneck_mode == "effnet":
+            load_imagenet_backbone(cnet.backbone, cfg.controlnet_backbone_weights)
+        return cnet
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:
