@@ -241,12 +241,15 @@ class CascadeUNet(nn.Module):
         return self.embedding[1].weight.dtype
 
     @staticmethod
-    def _run(block, x, r_embed, cond_kv, skip=None):
+    def _run(block, x, r_embed, cond, skip=None):
+        """`cond`: the condition tokens, or `condition_kv`'s list of every block's precomputed keys/values."""
         if isinstance(block, ResBlock):
             return block(x, skip)
         if isinstance(block, TimestepBlock):
             return block(x, r_embed)
-        return block(x, cond_kv=cond_kv[block.kv_slot])
+        if isinstance(cond, torch.Tensor):  # the block projects them itself: inside its own FSDP unit in training
+            return block(x, cond=cond)
+        return block(x, cond_kv=cond[block.kv_slot])
 
     @staticmethod
     def _add_control(x, block, controls):
@@ -262,20 +265,20 @@ class CascadeUNet(nn.Module):
         control = F.interpolate(control.float(), x.shape[-2:], mode="bilinear", align_corners=True)
         return (x.float() + control * block.control_scale).to(x.dtype)
 
-    def _down(self, x, r_embed, cond_kv, controls=None) -> list[torch.Tensor]:
+    def _down(self, x, r_embed, cond, controls=None) -> list[torch.Tensor]:
         outputs = []
         for blocks, downscaler, repmaps in zip(self.down_blocks, self.down_downscalers, self.down_repeat_mappers):
             x = downscaler(x)
             for j in range(len(repmaps) + 1):
                 for block in blocks:
                     x = self._add_control(x, block, controls)
-                    x = self._run(block, x, r_embed, cond_kv)
+                    x = self._run(block, x, r_embed, cond)
                 if j < len(repmaps):
                     x = repmaps[j](x)
             outputs.insert(0, x)
         return outputs
 
-    def _up(self, outputs, r_embed, cond_kv, controls=None) -> torch.Tensor:
+    def _up(self, outputs, r_embed, cond, controls=None) -> torch.Tensor:
         x = outputs[0]
         for i, (blocks, upscaler, repmaps) in enumerate(zip(self.up_blocks, self.up_upscalers, self.up_repeat_mappers)):
             for j in range(len(repmaps) + 1):
@@ -284,7 +287,7 @@ class CascadeUNet(nn.Module):
                     if skip is not None and x.shape[-2:] != skip.shape[-2:]:  # odd sizes: stride-2 convs floor
                         x = F.interpolate(x.float(), skip.shape[-2:], mode="bilinear", align_corners=True).to(x.dtype)
                     x = self._add_control(x, block, controls)
-                    x = self._run(block, x, r_embed, cond_kv, skip)
+                    x = self._run(block, x, r_embed, cond, skip)
                 if j < len(repmaps):
                     x = repmaps[j](x)
             x = upscaler(x)

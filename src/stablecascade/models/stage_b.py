@@ -57,8 +57,7 @@ class StageB(CascadeUNet):
         """x (B,4,H/4,W/4), r (B,), effnet (B,16,h,w) of any size, clip (B,1,1280) -> ε.
         `cond_kv` (from `precompute`) replaces `clip`."""
         r_embed = self.embed_r(r, sca=sca)
-        if cond_kv is None:
-            cond_kv = self.condition_kv(self.condition(clip))
+        cond = self.condition(clip) if cond_kv is None else cond_kv
         x = self.embedding(x)
         size = x.shape[-2:]
         if hasattr(self, "effnet_mapper"):
@@ -67,4 +66,4 @@ class StageB(CascadeUNet):
             if pixels is None:  # never supplied by the released flows, but its mapped constant still counts
                 pixels = x.new_zeros(x.shape[0], self.config.c_pixels, 8, 8)
             x = x + _resize(self.pixels_mapper(pixels), size).to(x.dtype)
-        return self.clf(self._up(self._down(x, r_embed, cond_kv), r_embed, cond_kv))
+        return self.clf(self._up(self._down(x, r_embed, cond), r_embed, cond))

@@ -75,11 +75,10 @@ class StageC(CascadeUNet):
                              f"{self.resblock_calls} ResBlock calls: the ControlNet was made for a bigger Stage C "
                              "(the released ControlNets need the 3.6B Stage C)")
         r_embed = self.embed_r(r, sca=sca, crp=crp)
-        if cond_kv is None:
-            cond_kv = self.condition_kv(self.condition(clip_text, clip_text_pooled, clip_img))
+        cond = self.condition(clip_text, clip_text_pooled, clip_img) if cond_kv is None else cond_kv
         x = self.embedding(x)
         controls = None if cnet is None else iter(cnet)
-        return self.clf(self._up(self._down(x, r_embed, cond_kv, controls), r_embed, cond_kv, controls))
+        return self.clf(self._up(self._down(x, r_embed, cond, controls), r_embed, cond, controls))
 
     @property
     def resblock_calls(self) -> int:

@@ -13,6 +13,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from ..errors import StableCascadeError
 from .config import TASKS, ConfigError, TrainConfig, load_config
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "train", "cli_main", "add_arguments", "run"]
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trainer = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, StableCascadeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if trainer.dist.main:

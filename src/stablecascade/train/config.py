@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -96,6 +97,9 @@ class TrainConfig:
     controlnet_blocks: Optional[list] = None  # ResBlock calls to control; None = spread over the model
     controlnet_bottleneck: Optional[str] = None  # effnet | simple | large; None = the kind's released mode
     controlnet: Optional[str] = None  # checkpoint to continue from
+    # ImageNet weights for a new effnet-bottleneck ControlNet's backbone: torchvision's efficientnet_v2_s file (.pth,
+    # read without unpickling code) or a safetensors copy; default: that file if torchvision's cache holds it
+    controlnet_backbone_weights: Optional[str] = None
 
     # -- bookkeeping
     save_every: int = 500
@@ -107,10 +111,12 @@ class TrainConfig:
     sample_cfg: float = 4.0
     sample_size: Optional[int] = None  # image size of the samples; default image_size
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | <checkpoint folder>
+    resume_allow_changes: list = field(default_factory=list)  # keys that may differ from the checkpoint's config
 
     # -- distributed
     use_fsdp: bool = False
     device: Optional[str] = None  # default: cuda:LOCAL_RANK if available, else cpu
+    dist_timeout_minutes: float = 60.0  # how long ranks wait for each other (rank 0 saving a checkpoint, exporting)
 
     def validate(self) -> "TrainConfig":
         def choice(name, allowed):
@@ -136,6 +142,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum_steps", "image_size", "save_every", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.image_size % 32:
+            raise ConfigError(f"image_size must be a multiple of 32 (Stage C's latents are 1/32 of the image), got "
+                              f"{self.image_size}; e.g. {max(32, round(self.image_size / 32) * 32)}")
+        if self.dist_timeout_minutes <= 0:
+            raise ConfigError(f"dist_timeout_minutes must be positive, got {self.dist_timeout_minutes}")
+        unknown = [k for k in self.resume_allow_changes if k not in FIELDS]
+        if unknown:
+            raise ConfigError(f"resume_allow_changes: unknown keys {unknown}")
         if self.warmup_steps < 0:
             raise ConfigError("warmup_steps must be >= 0")
         if self.batch_size % self.grad_accum_steps:
@@ -255,3 +269,22 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
             except ValueError:
                 raise ConfigError(f"{key} must be a number, got {data[key]!r}") from None
     return from_dict(data, str(path) if path else "the config").validate()
+
+
+# Keys that say where outputs go, how often they are written and how the run is spread over devices: they may change
+# between a checkpoint and its resumption (e.g. more `steps`). Any other difference changes what is trained.
+RESUME_FREE_KEYS = {"output_dir", "steps", "save_every", "keep_checkpoints", "log_every", "sample_every",
+                    "sample_prompts", "sample_steps", "sample_cfg", "sample_size", "resume", "resume_allow_changes",
+                    "use_fsdp", "device", "dist_timeout_minutes"}
+
+
+def resume_differences(saved: dict, current: TrainConfig) -> list[str]:
+    """'key: checkpoint value -> current value' for each key that differs and is neither free to change nor
+    listed in `current.resume_allow_changes`."""
+    now = json.loads(json.dumps(current.to_dict()))  # the form config.json stores (tuples as lists)
+    allowed = RESUME_FREE_KEYS | set(current.resume_allow_changes)
+    out = []
+    for key in sorted(set(now) & set(saved)):  # a key the checkpoint lacks is newer than it: nothing to compare
+        if key not in allowed and saved[key] != now[key]:
+            out.append(f"{key}: {saved[key]!r} -> {now[key]!r}")
+    return out

@@ -9,9 +9,12 @@ N ranks see exactly the pixels one process would. Images that cannot be read are
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import math
+import os
+import re
 import tarfile
 from dataclasses import dataclass
 from fractions import Fraction
@@ -74,20 +77,53 @@ def _scan_tar(path: Path, caption_key: str) -> list[Entry]:
     return out
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset's shard lists: "shard-{000..099}.tar" (zero-padded numeric ranges) and "{a,b}" alternatives."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    head, tail, body = pattern[:m.start()], pattern[m.end():], m.group(1)
+    numeric = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numeric:
+        lo, hi = numeric.groups()
+        if int(hi) - int(lo) > 10**6:
+            raise ValueError(f"training data pattern {pattern}: the range {{{body}}} is too long")
+        options = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        options = body.split(",")
+    else:
+        raise ValueError(f"training data pattern {pattern}: {{{body}}} is neither a range like {{000..099}} nor "
+                         "alternatives like {a,b}")
+    return [out for option in options for out in expand_braces(head + option + tail)]
+
+
+def _paths(src: str) -> list[Path]:
+    """The files and folders one `data` entry names: a path, a glob (absolute or relative) or a brace pattern."""
+    paths = []
+    for pattern in expand_braces(os.path.expanduser(str(src))):
+        if any(ch in pattern for ch in "*?["):
+            matches = sorted(glob.glob(pattern, recursive=True))
+            if not matches:
+                raise FileNotFoundError(f"training data pattern {pattern} matches no file")
+            paths += [Path(p) for p in matches]
+        else:
+            paths.append(Path(pattern))
+    return paths
+
+
 def index_sources(sources: Sequence[str], caption_key: str = "txt") -> list[Entry]:
-    """All samples of the given folders, tar shards and globs, in a stable order."""
+    """All samples of the given folders, tar shards, globs and brace patterns, in a stable order."""
     entries: list[Entry] = []
     for src in sources:
-        paths = sorted(Path().glob(src)) if any(ch in str(src) for ch in "*?[") else [Path(src).expanduser()]
-        for p in paths:
+        for p in _paths(src):
+            if not p.exists():
+                raise FileNotFoundError(f"training data not found: {p}")
             if p.is_dir():
                 entries += _scan_folder(p)
                 for shard in sorted(p.rglob("*.tar")):
                     entries += _scan_tar(shard, caption_key)
             elif p.suffix == ".tar":
                 entries += _scan_tar(p, caption_key)
-            elif not p.exists():
-                raise FileNotFoundError(f"training data not found: {p}")
     return entries
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
@@ -23,15 +24,18 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from .. import checkpoints, configs, diffusion
+from ..errors import CheckpointError
 from ..models import StageA, StageB, StageC
 from . import data as data_mod
 from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAWeights, TokenEmbedding,
                            lora_targets, matching_token_ids, new_token_row)
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, resume_differences
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
+from .statefile import read_state, write_state
 from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
@@ -41,9 +45,12 @@ KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_
 
 # ---------------------------------------------------------------------------------------------- distributed
 class Dist:
-    """Rank/world from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on GPU."""
+    """Rank/world from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); gloo on CPU, NCCL on GPU.
 
-    def __init__(self):
+    `timeout_minutes` bounds every collective, barriers included: rank 0 alone writes checkpoints and exports
+    while the other ranks wait at a barrier, which for the 3.6B Stage C can outlast NCCL's 10-minute default."""
+
+    def __init__(self, timeout_minutes: float = 60):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -52,8 +59,10 @@ class Dist:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             if backend == "nccl":
                 torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
             self.owned = True
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) \
+            if self.world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -67,6 +76,14 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
+    def all_ok(self, ok: bool) -> bool:
+        """True when `ok` holds on every rank (so all ranks take the same branch after a local check)."""
+        if not self.enabled:
+            return ok
+        flag = torch.tensor([int(ok)], device=self.comm_device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
     def gather_cat(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate a per-rank tensor (same shape on every rank) in rank order."""
         if not self.enabled:
@@ -78,6 +95,29 @@ class Dist:
     def close(self):
         if self.owned and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def output_dir_problem(out: Path) -> Optional[str]:
+    """Why training cannot write into `out` (not a folder, read-only, no permission), or None: checked before the
+    models load, so a run never trains for hours and then fails at its first checkpoint."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as e:
+        return (f"output_dir {out} cannot be written ({e.strerror or e}); choose a writable folder with "
+                "--set output_dir=PATH")
+    return None
+
+
+def free_space_problem(out: Path, needed: int) -> Optional[str]:
+    """Why a checkpoint of `needed` bytes will not fit in `out`'s free disk space, or None."""
+    free = shutil.disk_usage(out).free
+    if free >= needed:
+        return None
+    return (f"output_dir {out} has {free / 2**30:.2f} GiB free, but a checkpoint and the final export of this "
+            f"model need about {needed / 2**30:.2f} GiB; free space there or choose another output_dir")
 
 
 # ---------------------------------------------------------------------------------------------- model helpers
@@ -132,6 +172,44 @@ def load_training_text_encoder(spec: Optional[str], tokenizer: Optional[str] = N
 
     te = load_text_encoder(nano_part(spec, "text_encoder"), tokenizer, dtype=torch.float32)
     return te.tokenizer, te.model
+
+
+def load_imagenet_backbone(backbone: nn.Module, path: Optional[str]) -> None:
+    """Start an effnet-bottleneck ControlNet from torchvision's ImageNet EfficientNetV2-S features, as the released
+    ControlNets were: from `path` (torchvision's .pth, read with torch's tensors-only loader, or a safetensors copy)
+    or, without one, from torchvision's download cache. A stem conv of another input width stays random."""
+    from torchvision.models import EfficientNet_V2_S_Weights
+
+    if path is None:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / EfficientNet_V2_S_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[1]
+        if not cached.is_file():
+            log.warning("the ControlNet's EfficientNet backbone starts from RANDOM weights: torchvision's ImageNet "
+                        "efficientnet_v2_s weights are not at %s; set controlnet_backbone_weights=PATH to use them",
+                        cached)
+            return
+        path = str(cached)
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointError(f"controlnet_backbone_weights: {file} not found")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:  # weights_only: tensors and containers only, never code
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader error means the same thing to the user
+        raise CheckpointError(f"controlnet_backbone_weights: {file} cannot be read ({e})") from None
+    own = backbone.state_dict()
+    features = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    usable = {k: v for k, v in features.items() if k in own and own[k].shape == v.shape}
+    random_left = sorted(set(own) - set(usable))
+    if len(random_left) > 1:  # at most the stem conv of a control input that is not RGB
+        raise CheckpointError(f"controlnet_backbone_weights: {file} is not torchvision's efficientnet_v2_s "
+                              f"(no match for {random_left[:3]}...)")
+    backbone.load_state_dict(usable, strict=False)
+    log.info("ControlNet backbone: ImageNet EfficientNetV2-S weights from %s%s", file,
+             f" ({random_left[0]} random: the control input is not RGB)" if random_left else "")
 
 
 def enable_checkpointing(model: nn.Module) -> None:
@@ -325,7 +403,7 @@ class Trainer:
         """`parts` may supply ready models instead of config paths: stage_c, stage_b, stage_a, effnet, previewer,
         text (a (tokenizer, model) pair), image_encoder (a `conditioning.ImageEncoder`), controlnet."""
         self.cfg, parts = cfg, dict(parts or {})
-        self.dist = Dist()
+        self.dist = Dist(cfg.dist_timeout_minutes)
         if cfg.device:
             self.device = torch.device(cfg.device)
         elif torch.cuda.is_available():
@@ -333,8 +411,7 @@ class Trainer:
         else:
             self.device = torch.device("cpu")
         self.out = Path(cfg.output_dir)
-        if self.dist.main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self._agree(output_dir_problem(self.out) if self.dist.main else None)  # before any model is loaded
         self.local_batch = cfg.batch_size // cfg.grad_accum_steps
         if self.local_batch % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} / grad_accum_steps {cfg.grad_accum_steps} = "
@@ -355,10 +432,7 @@ class Trainer:
                                            weight_decay=cfg.weight_decay)
         self.step = 0
         self.history: list[dict] = []
-        self.ema = None
-        if cfg.ema_beta is not None:
-            trained = self.trained.trainable() if cfg.task == "lora" else self.trained  # not the frozen base
-            self.ema = _strip_checkpointing(copy.deepcopy(trained)).requires_grad_(False)
+        self._agree(free_space_problem(self.out, self._checkpoint_bytes()) if self.dist.main else None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
         self._resume()
 
@@ -411,6 +485,12 @@ class Trainer:
             for p in trained.parameters():
                 p.requires_grad_(True)
         self.trained = trained
+        self.ema = None
+        if cfg.ema_beta is not None:
+            averaged = trained.trainable() if task == "lora" else trained  # not the frozen base
+            self.ema = _strip_checkpointing(copy.deepcopy(averaged)).requires_grad_(False)
+        if self.image_encoder is not None:
+            self.image_encoder.model.to(self.device)
         self.net = self._wrap(trained)
 
     def _controlnet(self) -> nn.Module:
@@ -424,25 +504,35 @@ class Trainer:
         calls = self.stage_c.resblock_calls
         blocks = cfg.controlnet_blocks or (list(base.proj_blocks) if calls == 64 else
                                            sorted({0, calls // 4, calls // 2, calls - 1}))
-        return ControlNet(ControlNetConfig(c_in=base.c_in, c_proj=self.stage_c.config.c_hidden[0],
+        cnet = ControlNet(ControlNetConfig(c_in=base.c_in, c_proj=self.stage_c.config.c_hidden[0],
                                            proj_blocks=tuple(blocks),
                                            bottleneck_mode=cfg.controlnet_bottleneck or base.bottleneck_mode))
+        if cnet.config.bottleneck_mode == "effnet":
+            load_imagenet_backbone(cnet.backbone, cfg.controlnet_backbone_weights)
+        return cnet
 
     def _wrap(self, model: nn.Module) -> nn.Module:
         if not self.dist.enabled:
             return model
         dev = [self.device.index] if self.device.type == "cuda" else None
         if self.cfg.use_fsdp:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            from torch.distributed.fsdp import MixedPrecision, ShardingStrategy
-            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            # FSDP2 shards in place and keeps every module's class, so the U-Net's isinstance dispatch still works;
+            # each block is one unit (its condition keys/values are computed inside it), the EMA copy is sharded
+            # alike so that its update stays local to each rank's shard.
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             from ..models.blocks import AttnBlock, ResBlock, TimestepBlock
 
-            mp = MixedPrecision(torch.bfloat16, torch.bfloat16, torch.bfloat16) if self.cfg.dtype == "bf16" else None
-            return FSDP(model, auto_wrap_policy=ModuleWrapPolicy({ResBlock, AttnBlock, TimestepBlock}),
-                        sharding_strategy=ShardingStrategy.SHARD_GRAD_OP, mixed_precision=mp, use_orig_params=True,
-                        limit_all_gathers=True, device_id=self.device if self.device.type == "cuda" else None)
+            policy = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if self.cfg.dtype == "bf16" \
+                else MixedPrecisionPolicy()
+            for module in (model, self.ema):
+                if module is None:
+                    continue
+                for block in module.modules():
+                    if isinstance(block, (ResBlock, AttnBlock, TimestepBlock)):
+                        fully_shard(block, mp_policy=policy, reshard_after_forward=False)
+                fully_shard(module, mp_policy=policy, reshard_after_forward=False)
+            return model
         return nn.parallel.DistributedDataParallel(model, device_ids=dev)
 
     def _setup_data(self, parts):
@@ -473,11 +563,17 @@ class Trainer:
         return torch.ones_like(lam)
 
     def _noise(self, shape, pyramid=False):
-        g, n = self.gen, self.micro
-        eps = pyramid_noise((n, *shape), g) if pyramid else torch.randn((n, *shape), generator=g)
-        if self.cfg.offset_noise > 0:
-            eps = eps + self.cfg.offset_noise * torch.randn(n, shape[0], 1, 1, generator=g)
-        return eps
+        """This rank's share of the global batch's noise. The global generator draws one seed per sample, and each
+        sample's noise comes from its own seed: the same whatever the number of ranks, drawn only by its rank."""
+        seeds = torch.randint(2**62, (self.micro,), generator=self.gen)[self._rank_slice()].tolist()
+        parts = []
+        for seed in seeds:
+            g = torch.Generator().manual_seed(seed)
+            eps = pyramid_noise((1, *shape), g) if pyramid else torch.randn((1, *shape), generator=g)
+            if self.cfg.offset_noise > 0:
+                eps = eps + self.cfg.offset_noise * torch.randn(1, shape[0], 1, 1, generator=g)
+            parts.append(eps)
+        return torch.cat(parts)
 
     def _loss(self, images: torch.Tensor, captions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local))."""
@@ -497,7 +593,7 @@ class Trainer:
                 effnet = self.effnet(small) * keep_effnet.view(-1, 1, 1, 1).to(self.device)
                 _, pooled = self._text(captions)
                 cond = dict(effnet=effnet, clip=pooled)
-                eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise)[sl].to(self.device)
+                eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise).to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
                 latents = self.effnet(images)
@@ -506,7 +602,7 @@ class Trainer:
                 if self.image_encoder is not None and use_img.any():
                     emb = self.image_encoder(images).to(self.device, torch.float32)
                     clip_img = torch.where(use_img.view(-1, 1, 1).to(self.device), emb, clip_img)
-                eps = self._noise(latents.shape[1:])[sl].to(self.device)
+                eps = self._noise(latents.shape[1:]).to(self.device)
                 if task != "lora":
                     text, pooled = self._text(captions)
                     cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=clip_img)
@@ -572,10 +668,9 @@ class Trainer:
             raws.append(raw)
             lams.append(lam)
         params = [p for p in self.net.parameters() if p.requires_grad]
-        if hasattr(self.net, "clip_grad_norm_"):
-            gnorm = self.net.clip_grad_norm_(cfg.max_grad_norm)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if hasattr(gnorm, "full_tensor"):  # FSDP2: a norm over every rank's shards
+            gnorm = gnorm.full_tensor()
         self.optimizer.step()
         self.step += 1
         if self.ema is not None and self.step % cfg.ema_every == 0:
@@ -615,102 +710,210 @@ class Trainer:
         return self.history
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def _model_state(self) -> dict:
-        if self.cfg.use_fsdp and self.dist.enabled:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    # A checkpoint folder holds model.safetensors (+ ema.safetensors), optimizer.{json,safetensors},
+    # state.{json,safetensors} (step, data position, loss buckets, history), rng_rank{r}.{json,safetensors},
+    # config.json, and `done` once every part is written. Nothing in it is a pickle.
+    def _agree(self, problem: Optional[str]) -> None:
+        """Raise `problem` (found by rank 0) on every rank, so no rank waits forever at the next collective."""
+        if not self.dist.all_ok(problem is None):
+            raise CheckpointError(problem or "rank 0 stopped the run (its error says why)")
 
-            with FSDP.state_dict_type(self.net, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-                return self.net.state_dict()
-        return self.trained.state_dict()
+    def _full_state(self, module: nn.Module) -> dict:
+        """`module`'s parameters and buffers as whole CPU tensors on rank 0 (a collective under FSDP)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def _optim_state(self) -> dict:
-        if self.cfg.use_fsdp and self.dist.enabled:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-            return FSDP.optim_state_dict(self.net, self.optimizer)
-        return self.optimizer.state_dict()
+    def _checkpoint_bytes(self) -> int:
+        """About what one checkpoint and the export take on disk: weights, EMA, AdamW's two moments, final files."""
+        weights = sum(t.numel() * t.element_size() for t in self.trained.state_dict().values())
+        return weights * (2 + 2 * (self.ema is not None) + 2)
+
+    def _rng_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _sampler_state(self) -> dict:
+        """The sampler's position, with unreadable images named by file (and tar member), not by their index,
+        which shifts when files are added to the data."""
+        state = self.sampler.state_dict()
+        state["bad"] = [[self.source.entries[i].source, self.source.entries[i].image] for i in state["bad"]]
+        return state
 
     def save_checkpoint(self) -> Path:
         from safetensors.torch import save_file
 
         folder = self.out / "checkpoints" / f"step_{self.step:07d}"
-        model_state, optim_state = self._model_state(), self._optim_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
+        model_state = self._full_state(self.trained)
+        ema_state = self._full_state(self.ema) if self.ema is not None else None
+        optim_state = self._optimizer_state()
+        problem = None
         if self.dist.main:
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
-            if self.ema is not None:
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.ema.state_dict().items()},
-                          str(folder / "ema.safetensors"))
-            torch.save({"step": self.step, "optimizer": optim_state, "sampler": self.sampler.state_dict(),
-                        "loss_weight": self.loss_weight.state_dict() if self.loss_weight else None,
-                        "history": self.history}, folder / "state.pt")
-            (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
-        self.dist.barrier()
-        torch.save(rng, folder / f"rng_rank{self.dist.rank}.pt")
-        self.dist.barrier()
+            try:
+                if folder.exists():  # left by a save of this step that did not finish
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+                save_file({k: v.contiguous() for k, v in model_state.items()}, str(folder / "model.safetensors"))
+                if ema_state is not None:
+                    save_file({k: v.contiguous() for k, v in ema_state.items()}, str(folder / "ema.safetensors"))
+                write_state(folder, "optimizer", optim_state)
+                write_state(folder, "state", {
+                    "step": self.step, "sampler": self._sampler_state(), "history": self.history,
+                    "loss_weight": self.loss_weight.state_dict() if self.loss_weight else None})
+                (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
+            except (OSError, SafetensorError) as e:
+                problem = str(e)
+        self._check_saved(folder, problem)
+        try:
+            write_state(folder, f"rng_rank{self.dist.rank}", self._rng_state())
+            problem = None
+        except (OSError, SafetensorError) as e:
+            problem = str(e)
+        self._check_saved(folder, problem)
         if self.dist.main:
             (folder / "done").write_text("ok")
-            kept = sorted((self.out / "checkpoints").glob("step_*"))
+            kept = sorted(p.parent for p in (self.out / "checkpoints").glob("step_*/done"))
             for old in kept[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.dist.barrier()
         return folder
 
-    def _find_resume(self) -> Optional[Path]:
+    def _check_saved(self, folder: Path, problem: Optional[str]) -> None:
+        """A failed write (disk full, read-only): drop the partial folder and stop with the way back."""
+        if self.dist.all_ok(problem is None):
+            return
+        if self.dist.main:
+            shutil.rmtree(folder, ignore_errors=True)
+        done = sorted(p.parent for p in (self.out / "checkpoints").glob("step_*/done"))
+        back = (f"the run is kept up to its last checkpoint {done[-1]}, and rerunning the same command resumes "
+                "from there" if done else "no earlier checkpoint exists, so a rerun starts over")
+        raise CheckpointError(f"cannot write the checkpoint {folder}: {problem or 'another rank failed to write'}. "
+                              f"Free disk space in {self.out} (or make it writable); {back}.")
+
+    def _optimizer_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(self.trained, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _resume_candidates(self) -> list[Path]:
         r = self.cfg.resume
         if r == "never":
-            return None
+            return []
         if r != "auto":
-            return Path(r)
-        done = sorted(p.parent for p in (self.out / "checkpoints").glob("step_*/done"))
-        return done[-1] if done else None
+            if not (Path(r) / "done").is_file():
+                raise CheckpointError(f"resume={r}: not a finished checkpoint folder (it has no `done` file); give "
+                                      f"one of {self.out / 'checkpoints'}/step_*, or resume=auto / resume=never")
+            return [Path(r)]
+        return sorted((p.parent for p in (self.out / "checkpoints").glob("step_*/done")), reverse=True)
 
-    def _resume(self):
+    def _read_checkpoint(self, folder: Path) -> dict:
+        """Every file of `folder` this rank needs, read and checked before any state is touched; CheckpointError
+        if one is missing or damaged. Under FSDP only rank 0 reads the weights and the optimizer (it sends them)."""
         from safetensors.torch import load_file
 
-        folder = self._find_resume()
-        if folder is None:
-            return
-        state = torch.load(folder / "state.pt", weights_only=False)
-        model_state = load_file(str(folder / "model.safetensors"))
-        if self.cfg.use_fsdp and self.dist.enabled:
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        if (folder / "state.pt").exists() and not (folder / "state.json").exists():
+            raise CheckpointError(
+                f"{folder} was written by an older stablecascade, whose state.pt is a pickle file (loading one can "
+                "run code, so it is never read). Start a new run (resume=never or another output_dir), or load its "
+                "model.safetensors as the model to train (stage_c/stage_b/controlnet = that file) and start over.")
+        try:
+            saved_cfg = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{folder / 'config.json'} cannot be read ({e})") from None
+        out = {"config": saved_cfg, "state": read_state(folder, "state"),
+               "rng": read_state(folder, f"rng_rank{self.dist.rank}")}
+        if self.dist.main or not self._sharded:
+            for name in ("model", "ema"):
+                path = folder / f"{name}.safetensors"
+                if name == "ema" and (self.ema is None or not path.is_file()):
+                    continue
+                try:
+                    out[name] = load_file(str(path), device="cpu")
+                except (OSError, SafetensorError) as e:
+                    raise CheckpointError(f"{path} cannot be read ({e})") from None
+            out["optimizer"] = read_state(folder, "optimizer")
+        return out
 
-            with FSDP.state_dict_type(self.net, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=False)):
-                self.net.load_state_dict(model_state)
-            optim = FSDP.optim_state_dict_to_load(self.net, self.optimizer, state["optimizer"])
-            self.optimizer.load_state_dict(optim)
-        else:
-            self.trained.load_state_dict(model_state)
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and (folder / "ema.safetensors").is_file():
-            self.ema.load_state_dict(load_file(str(folder / "ema.safetensors")))
-        self.sampler.load_state_dict(state["sampler"])
+    @property
+    def _sharded(self) -> bool:
+        return self.cfg.use_fsdp and self.dist.enabled
+
+    def _resume(self):
+        candidates = self._resume_candidates()
+        for k, folder in enumerate(candidates):
+            try:
+                saved, problem = self._read_checkpoint(folder), None
+            except CheckpointError as e:
+                saved, problem = None, e
+            if not self.dist.all_ok(problem is None):
+                if self.cfg.resume != "auto" or "older stablecascade" in str(problem):
+                    raise problem or CheckpointError(f"{folder}: another rank cannot read its part")
+                log.warning("checkpoint %s is damaged (%s); trying the one before it", folder,
+                            problem or "another rank cannot read its part")
+                continue
+            differences = resume_differences(saved["config"], self.cfg)
+            if differences:
+                raise CheckpointError(
+                    f"{folder} was trained with a different config:\n  " + "\n  ".join(differences) +
+                    "\nResume with the same values, start a new run (resume=never or another output_dir), or accept "
+                    "the changes with --set resume_allow_changes=[" +
+                    ", ".join(d.split(":")[0] for d in differences) + "]")
+            self._load(saved)
+            if self.dist.main:
+                if k:
+                    log.warning("resumed from %s at step %d: the newer checkpoints %s are damaged", folder, self.step,
+                                ", ".join(p.name for p in candidates[:k]))
+                else:
+                    log.info("resumed from %s at step %d", folder, self.step)
+                self._trim_log()
+            return
+        if candidates:
+            raise CheckpointError(f"no checkpoint under {self.out / 'checkpoints'} can be read (all are damaged); "
+                                  "start over with resume=never")
+
+    def _load(self, saved: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self._sharded)
+        try:
+            set_model_state_dict(self.trained, saved.get("model", {}), options=options)
+            if self.ema is not None and ("ema" in saved or self._sharded):
+                set_model_state_dict(self.ema, saved.get("ema", {}), options=options)
+            set_optimizer_state_dict(self.trained, self.optimizer, saved.get("optimizer", {}), options=options)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint does not fit the model being trained: {e}") from None
+        state, rng = saved["state"], saved["rng"]
+        ids = {(e.source, e.image): i for i, e in enumerate(self.source.entries)}
+        sampler = dict(state["sampler"])
+        sampler["bad"] = [ids[tuple(key)] for key in sampler["bad"] if tuple(key) in ids]
+        self.sampler.load_state_dict(sampler)
         self.skipped = self.sampler.skipped
         if self.loss_weight is not None and state["loss_weight"] is not None:
             self.loss_weight.load_state_dict(state["loss_weight"])
         self.step, self.history = state["step"], state["history"]
-        rng_file = folder / f"rng_rank{self.dist.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["torch"])
-            random.setstate(rng["python"])
-            self.gen.set_state(rng["gen"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
-        if self.dist.main:
-            log.info("resumed from %s at step %d", folder, self.step)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.gen.set_state(rng["gen"])
+        if self.device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    def _trim_log(self) -> None:
+        """Drop log.jsonl records past the resumed step: the steps after it are trained (and logged) again."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
 
     # ----------------------------------------------------------------------------------------- outputs
     def export(self) -> Optional[Path]:
         """Write the trained weights in the formats the pipeline loads (official single files, LoRA files)."""
-        model_state = self._model_state()
+        model_state = self._full_state(self.trained)  # collectives first: every rank takes part under FSDP
+        ema_state = self._full_state(self.ema) if self.ema is not None else None
         if not self.dist.main:
             return None
         final = self.out / "final"
@@ -723,13 +926,20 @@ class Trainer:
                 self.trained.save(final / "lora_ema.safetensors", self.ema, metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
-        model = copy.deepcopy(self.trained).cpu()
-        _strip_checkpointing(model)
-        model.load_state_dict({k: v.cpu() for k, v in model_state.items()})
-        checkpoints.save_official(model, final / f"{name}.safetensors")
-        if self.ema is not None:
-            checkpoints.save_official(_strip_checkpointing(copy.deepcopy(self.ema).cpu()), final / f"{name}_ema.safetensors")
+        for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
+            if state is not None:
+                checkpoints.save_official(self._unsharded_copy(state), final / file)
         return final / f"{name}.safetensors"
+
+    def _unsharded_copy(self, state: dict) -> nn.Module:
+        """A plain module of the trained kind holding `state` (FSDP2 shards the trained one in place)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        kind = next(c for c in type(self.trained).__mro__ if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            model = kind(self.trained.config)
+        model.load_state_dict(state, assign=True)
+        return model
 
     @torch.no_grad()
     def sample(self) -> Optional[Path]:
