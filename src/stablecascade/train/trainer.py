@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoints, configs, diffusion
+from ..errors import InputError
 from ..models import StageA, StageB, StageC
 from . import data as data_mod
 from .config import TrainConfig
@@ -35,6 +36,7 @@ from .text import encode_text, load_text_encoder
 log = logging.getLogger("stablecascade.train")
 
 KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c"}
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -269,16 +271,36 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + 17 + self.dist.rank)  # model dropout: per rank
         self.loss_weight = AdaptiveLossWeight(cfg.adaptive_buckets, beta=cfg.adaptive_beta) \
             if cfg.loss_weight == "adaptive" else None
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = self._make_optimizer([p for p in self.net.parameters() if p.requires_grad])
         self.step = 0
         self.history: list[dict] = []
         self.ema = None
         if cfg.ema_beta is not None:
             self.ema = _strip_checkpointing(copy.deepcopy(self.trained)).requires_grad_(False)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
         self._resume()
+
+    @property
+    def autocast(self):
+        """A fresh autocast context: bf16 for `dtype: bf16`, and the frozen models' dtype when they are stored in
+        bf16/fp16 (their matmuls then run in that dtype, norms and the trained fp32 parameters' updates in fp32)."""
+        dtype = FROZEN_DTYPES[self.cfg.frozen_dtype] if self.cfg.frozen_dtype != "fp32" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype,
+                              enabled=self.cfg.dtype == "bf16" or self.cfg.frozen_dtype != "fp32")
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, **kw)
+        if self.device.type != "cuda":
+            raise InputError(f"optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit states), but training runs "
+                             f"on {self.device}: use optimizer: adamw")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise InputError("optimizer adamw8bit needs the bitsandbytes package: pip install bitsandbytes "
+                             "(or use optimizer: adamw)") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kw)
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup_models(self, parts):
@@ -303,15 +325,19 @@ class Trainer:
             if getattr(self, name) is None:
                 raise ValueError(f"training task {task!r} needs {name.replace('text_model', 'text_encoder')} "
                                  "(set it in the config)")
-        for m in (self.stage_c, self.stage_b, self.stage_a, self.effnet, self.previewer, self.text_model):
+        trained_name = {"c": "stage_c", "b": "stage_b"}.get(task)
+        for name in ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_model"):
+            m = getattr(self, name)
             if m is not None:
                 m.to(self.device).eval().requires_grad_(False)
+                if name != trained_name:
+                    m.to(FROZEN_DTYPES[cfg.frozen_dtype])
+        if cfg.gradient_checkpointing:  # the trained U-Net, or the frozen Stage C that LoRA/ControlNet grads cross
+            enable_checkpointing(getattr(self, trained_name or "stage_c"))
         if task in ("c", "b"):
             trained = self.stage_c if task == "c" else self.stage_b
             if cfg.model_dropout is not None:
                 set_dropout(trained, cfg.model_dropout)
-            if cfg.gradient_checkpointing:
-                enable_checkpointing(trained)
         elif task == "lora":
             trained = LoRAModel(self.stage_c, self.text_model, self.tokenizer, cfg).to(self.device)
         else:
@@ -398,7 +424,7 @@ class Trainer:
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast:
             if task == "b":
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
@@ -458,8 +484,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- the loop
     def _lr(self) -> float:
-        w = self.cfg.warmup_steps
-        return self.cfg.lr * (min(1.0, (self.step + 1) / w) if w > 0 else 1.0)
+        return self.cfg.lr * lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.lr_schedule)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -507,24 +532,46 @@ class Trainer:
         return self.trained
 
     def fit(self, progress: bool = True) -> list[dict]:
+        """Train to `steps`, with a progress bar (ETA) on the main rank when `progress`; log.jsonl and TensorBoard
+        (`log_with`) get the loss (raw and smoothed), learning rate, grad norm and the sample grids."""
+        from tqdm.auto import tqdm
+
         cfg = self.cfg
         start, t0 = self.step, time.time()
-        while self.step < cfg.steps:
-            rec = self.train_step()
-            if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == start + 1):
-                rate = (self.step - start) / max(1e-9, time.time() - t0)
-                log.info("step %d/%d loss %.4f lr %.2e grad %.3f skipped %d (%.2f it/s)", self.step, cfg.steps,
-                         rec["loss"], rec["lr"], rec["grad_norm"], rec["skipped"], rate)
-                with open(self.out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
-                self.sample()
-        self.export()
-        self.sample()
+        board = TrainLog(self.out, cfg.log_with) if self.dist.main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and self.dist.main), unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                rec = self.train_step()
+                bar.update(1)
+                if board is not None:
+                    rec["loss_smooth"] = board.smooth(rec["loss"])
+                    bar.set_postfix(loss=f"{rec['loss_smooth']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == start + 1):
+                    rate = (self.step - start) / max(1e-9, time.time() - t0)
+                    log.info("step %d/%d loss %.4f lr %.2e grad %.3f skipped %d (%.2f it/s)", self.step, cfg.steps,
+                             rec["loss"], rec["lr"], rec["grad_norm"], rec["skipped"], rate)
+                    board.write(rec)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
+                    self._sample_and_log(board)
+            bar.close()
+            self.export()
+            self._sample_and_log(board)
+        finally:
+            bar.close()
+            if board is not None:
+                board.close()
         self.dist.barrier()
         return self.history
+
+    def _sample_and_log(self, board: Optional["TrainLog"]) -> None:
+        with self.autocast:  # frozen models stored in bf16/fp16 run under autocast
+            path = self.sample()
+        if board is not None and path is not None:
+            board.image(path, self.step)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def _model_state(self) -> dict:
@@ -724,6 +771,64 @@ class Trainer:
         _, neg = self._text([""] * len(captions))
         return decode_b(self.trained, self.stage_a, effnet, pooled, neg, images.shape[-1], gen, self.device,
                         height=images.shape[-2], shift=self.cfg.noise_shift)
+
+
+class TrainLog:
+    """log.jsonl lines, and TensorBoard scalars and sample images when `log_with: tensorboard` (imported only
+    then). The smoothed loss is an exponential moving average (weight 0.9 on the past), debiased for the first
+    steps."""
+
+    SMOOTHING = 0.9
+
+    def __init__(self, out: Path, log_with: str):
+        self.out, self.average, self.seen = out, 0.0, 0
+        self.board = None
+        if log_with == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("log_with: tensorboard needs the tensorboard package: pip install tensorboard "
+                                 "(or log_with: none)") from None
+            self.board = SummaryWriter(str(out / "tensorboard"))
+
+    def smooth(self, loss: float) -> float:
+        self.seen += 1
+        self.average = self.SMOOTHING * self.average + (1 - self.SMOOTHING) * loss
+        return self.average / (1 - self.SMOOTHING**self.seen)
+
+    def write(self, record: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, tag in (("loss", "loss/raw"), ("loss_smooth", "loss/smoothed"), ("lr", "lr"),
+                             ("grad_norm", "grad_norm"), ("skipped", "data/skipped")):
+                self.board.add_scalar(tag, record[key], record["step"])
+
+    def image(self, path: Path, step: int) -> None:
+        if self.board is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.board.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The share of `lr` that update `step` (0-based) uses: linear warmup reaching 1 at update `warmup` - 1 (the
+    first update already moves), then 1 (constant_with_warmup) or a half cosine that would reach 0 one update after
+    the last (cosine: the last update still learns)."""
+    done = step + 1
+    if done < warmup:
+        return done / warmup
+    if schedule == "constant_with_warmup":
+        return 1.0
+    progress = (done - max(warmup, 1)) / max(1, steps + 1 - max(warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _lam_from_r(r):
