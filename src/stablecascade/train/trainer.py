@@ -28,6 +28,7 @@ from torch import nn
 from .. import checkpoints, configs, diffusion
 from ..errors import InputError
 from ..models import StageA, StageB, StageC
+from . import cache as cache_mod
 from . import data as data_mod
 from .config import TrainConfig
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
@@ -391,12 +392,54 @@ class Trainer:
                 raise ValueError("no training data: set `data` to image folders and/or .tar shards")
             source = data_mod.ImageSource(data_mod.index_sources(cfg.data, cfg.caption_key))
         self.source = source
-        sizes = data_mod.bucket_sizes(cfg.image_size, cfg.multi_aspect, cfg.bucket_factor)
-        self.sampler = data_mod.Sampler(source, self.micro, sizes, seed=cfg.seed, random_ratio=cfg.bucket_random_ratio)
+        if cfg.multi_aspect == ["auto"]:
+            sizes = data_mod.auto_bucket_sizes(source, cfg.image_size, cfg.bucket_min_size or cfg.image_size // 2,
+                                               cfg.bucket_max_size or cfg.image_size * 2, cfg.bucket_factor)
+            if self.dist.main:
+                log.info("buckets from the data (h x w): %s", ", ".join(f"{h}x{w}" for h, w in sizes))
+        else:
+            sizes = data_mod.bucket_sizes(cfg.image_size, cfg.multi_aspect, cfg.bucket_factor)
+        # cached latents are centre crops of each image's nearest bucket: no random bucket choice then
+        jitter = 0.0 if cfg.cache_latents else cfg.bucket_random_ratio
+        self.sampler = data_mod.Sampler(source, self.micro, sizes, seed=cfg.seed, random_ratio=jitter)
         self.skipped = self.sampler.skipped
+        rule = data_mod.CaptionRule(cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_separator, cfg.seed)
+        if cfg.cache_latents and self.image_encoder is not None and cfg.image_embed_prob > 0:
+            raise ValueError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
+                             "or cache_latents: false")
+        latents, keys = self._latent_cache(sizes) if cfg.cache_latents else (None, None)
+        self.text_cache = None
+        if cfg.cache_text:
+            self.text_cache = cache_mod.TextCache(self._cache_folder("text", self.text_model), self._encode_text)
+        self.loader = data_mod.Loader(self.sampler, data_mod.BatchReader(source, self._rank_slice(), rule, latents, keys),
+                                      cfg.num_workers, cfg.prefetch_batches)
+
+    def _cache_folder(self, kind: str, model: nn.Module) -> "cache_mod.DiskCache":
+        root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
+        # the autocast the encoder runs under changes its outputs as much as its weights do
+        how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}"
+        return cache_mod.DiskCache(root / f"{kind}-{cache_mod.fingerprint(model, how)}")
+
+    def _latent_cache(self, sizes):
+        def encode(images):
+            with torch.no_grad(), self.autocast:
+                return self.effnet(images.to(self.device)).float()
+
+        cache = self._cache_folder("latents", self.effnet)
+        keys = cache_mod.precompute_latents(self.source, sizes, encode, cache, (self.dist.rank, self.dist.world),
+                                            batch_size=self.micro)
+        self.dist.barrier()
+        return (cache_mod.DiskCache(cache.folder) if self.dist.enabled else cache), keys
+
+    def _encode_text(self, prompts):
+        with torch.no_grad(), self.autocast:
+            text, pooled = encode_text(self.text_model, self.tokenizer, prompts, self.device)
+        return text.float(), pooled.float()
 
     # ----------------------------------------------------------------------------------------- conditioning
     def _text(self, prompts):
+        if self.text_cache is not None:
+            return self.text_cache.encode(prompts, self.device)
         with torch.no_grad():
             return encode_text(self.text_model, self.tokenizer, prompts, self.device)
 
@@ -417,10 +460,12 @@ class Trainer:
             eps = eps + self.cfg.offset_noise * torch.randn(n, shape[0], 1, 1, generator=g)
         return eps
 
-    def _loss(self, images: torch.Tensor, captions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local))."""
+    def _loss(self, images: Optional[torch.Tensor], captions: list, cached_latents: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local)). Stage C tasks
+        take `cached_latents` instead of `images` when the latents come from the cache."""
         cfg, task, sl, g, n = self.cfg, self.cfg.task, self._rank_slice(), self.gen, self.micro
-        images = images.to(self.device)
+        images = None if images is None else images.to(self.device)
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
@@ -438,9 +483,9 @@ class Trainer:
                 eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise)[sl].to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
-                latents = self.effnet(images)
+                latents = self.effnet(images) if cached_latents is None else cached_latents.to(self.device)
                 c_img = self.stage_c.config.c_clip_img
-                clip_img = torch.zeros(len(images), 1, c_img, device=self.device)
+                clip_img = torch.zeros(len(captions), 1, c_img, device=self.device)
                 if self.image_encoder is not None and use_img.any():
                     emb = self.image_encoder(images).to(self.device, torch.float32)
                     clip_img = torch.where(use_img.view(-1, 1, 1).to(self.device), emb, clip_img)
@@ -497,11 +542,10 @@ class Trainer:
             group["lr"] = lr
         raws, lams = [], []
         for k in range(cfg.grad_accum_steps):
-            batch = next(self.sampler)
-            images, captions = data_mod.load_batch(self.source, batch, self._rank_slice(), self.skipped)
+            item = next(self.loader)
             sync = self.dist.enabled and k < cfg.grad_accum_steps - 1 and hasattr(self.net, "no_sync")
             with self.net.no_sync() if sync else contextlib.nullcontext():
-                loss, raw, lam = self._loss(images, captions)
+                loss, raw, lam = self._loss(item.images, item.captions, item.latents)
                 (loss / cfg.grad_accum_steps).backward()
             raw, lam = self.dist.gather_cat(raw.float()), self.dist.gather_cat(lam.float())
             if self.loss_weight is not None:
@@ -519,7 +563,7 @@ class Trainer:
             beta = 0.0 if self.step <= cfg.ema_start else cfg.ema_beta
             ema_update_(self.ema, self._full_module(), beta)
         record = {"step": self.step, "loss": float(torch.cat(raws).mean()), "lr": lr, "grad_norm": float(gnorm),
-                  "skipped": sum(self.skipped.values())}
+                  "skipped": sum(self.sampler.skipped.values())}
         self.history.append(record)
         return record
 
@@ -562,6 +606,9 @@ class Trainer:
             self._sample_and_log(board)
         finally:
             bar.close()
+            self.loader.close()
+            if self.text_cache is not None:
+                self.text_cache.cache.flush()
             if board is not None:
                 board.close()
         self.dist.barrier()
