@@ -36,6 +36,20 @@ def folder(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def text():
+    """The tiny text encoder and tokenizer, built once (each trainer gets its own copy of the model)."""
+    from stablecascade.train.text import clip_tokenizer, small_text_model
+
+    return clip_tokenizer(), small_text_model()
+
+
+def _parts(text, **kw):
+    import copy
+
+    return {"text": (text[0], copy.deepcopy(text[1])), **kw}
+
+
 def _stage_c():
     torch.manual_seed(3)
     model = StageC(configs.STAGE_C["tiny"])
@@ -67,11 +81,11 @@ def _count_block_calls(trainer):
 
 @pytest.mark.parametrize("task,extra", [("lora", {}), ("controlnet", {"controlnet_kind": "inpaint",
                                                                       "controlnet_bottleneck": "simple"})])
-def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder, task, extra):
+def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder, text, task, extra):
     results = {}
     for ckpt in (False, True):
         cfg = _cfg(tmp_path / str(ckpt), folder, task, gradient_checkpointing=ckpt, **extra)
-        trainer = Trainer(cfg, parts={"stage_c": _stage_c()})
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
         calls = _count_block_calls(trainer)
         results[ckpt] = (calls, [p.detach().clone() for p in trainer.trained.parameters() if p.requires_grad])
     assert results[True][0] == 2 * results[False][0]  # recomputed in the backward pass
@@ -79,11 +93,11 @@ def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_models_in_bf16_train_fp32_lora(tmp_path, folder):
+def test_frozen_models_in_bf16_train_fp32_lora(tmp_path, folder, text):
     losses = {}
     for frozen in ("fp32", "bf16"):
         cfg = _cfg(tmp_path / frozen, folder, "lora", frozen_dtype=frozen, steps=1)
-        trainer = Trainer(cfg, parts={"stage_c": _stage_c()})
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
         losses[frozen] = trainer.train_step()
     frozen_dtypes = {p.dtype for p in trainer.stage_c.parameters() if not p.requires_grad}
     assert frozen_dtypes == {torch.bfloat16}
@@ -103,9 +117,9 @@ def test_memory_options_are_checked():
         load_config(None, ["frozen_dtype=fp16", "dtype=bf16"])
 
 
-def test_adamw8bit_on_cpu_says_what_to_do(tmp_path, folder):
+def test_adamw8bit_on_cpu_says_what_to_do(tmp_path, folder, text):
     with pytest.raises(InputError, match="adamw8bit needs a CUDA GPU.*optimizer: adamw"):
-        Trainer(_cfg(tmp_path, folder, optimizer="adamw8bit"))
+        Trainer(_cfg(tmp_path, folder, optimizer="adamw8bit"), parts=_parts(text))
 
 
 # ------------------------------------------------------------------------------------------------- schedules
@@ -199,11 +213,11 @@ def test_loader_reads_ahead_but_checkpoints_what_was_consumed(folder):
 
 
 # ------------------------------------------------------------------------------------------------- caches
-def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder):
+def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder, text):
     cache_dir = tmp_path / "cache"
-    plain = Trainer(_cfg(tmp_path / "plain", folder, bucket_random_ratio=0.0))
+    plain = Trainer(_cfg(tmp_path / "plain", folder, bucket_random_ratio=0.0), parts=_parts(text))
     cached = Trainer(_cfg(tmp_path / "cached", folder, cache_latents=True, cache_text=True,
-                          cache_dir=str(cache_dir)))
+                          cache_dir=str(cache_dir)), parts=_parts(text))
     for _ in range(2):
         a, b = plain.train_step(), cached.train_step()
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
@@ -213,7 +227,7 @@ def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder):
     # a new run with the same encoders reads the cache and encodes nothing
     effnet_calls = []
     again = _cfg(tmp_path / "again", folder, cache_latents=True, cache_text=True, cache_dir=str(cache_dir))
-    trainer = Trainer(again, parts={"effnet": _counting_effnet(effnet_calls)})
+    trainer = Trainer(again, parts=_parts(text, effnet=_counting_effnet(effnet_calls)))
     trainer.text_cache.encode_fn = lambda prompts: pytest.fail(f"encoded {prompts} again")
     trainer.train_step()
     assert effnet_calls == [] and sorted(cache_dir.rglob("*.safetensors")) == shards
@@ -245,13 +259,13 @@ def test_a_different_encoder_gets_its_own_cache(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- logging
-def test_tensorboard_logs_loss_lr_grad_norm_and_samples(tmp_path, folder):
+def test_tensorboard_logs_loss_lr_grad_norm_and_samples(tmp_path, folder, text):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from stablecascade.train import train
 
     cfg = _cfg(tmp_path, folder, steps=3, log_every=1, log_with="tensorboard", lr_schedule="cosine",
                warmup_steps=2)
-    trainer = train(cfg)
+    trainer = train(cfg, parts=_parts(text))
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
     events.Reload()
     tags = events.Tags()
