@@ -45,10 +45,20 @@ class TrainConfig:
     # -- data
     data: list = field(default_factory=list)  # folders of images + .txt captions and/or webdataset .tar shards
     image_size: int = 768
-    multi_aspect: list = field(default_factory=list)  # ratios like "16/9"; empty = single square size
+    multi_aspect: list = field(default_factory=list)  # ratios like "16/9"; ["auto"] = from the data; empty = square
+    bucket_min_size: Optional[int] = None  # "auto" buckets: shortest side allowed (default image_size / 2)
+    bucket_max_size: Optional[int] = None  # "auto" buckets: longest side allowed (default image_size * 2)
     bucket_random_ratio: float = 0.05
     bucket_factor: int = 32
     caption_key: str = "txt"
+    shuffle_tags: bool = False  # shuffle the comma-separated tags of each caption (a new order every time)
+    keep_tokens: int = 0  # with shuffle_tags: the first N tags stay in place (kohya's keep_tokens)
+    tag_separator: str = ","
+    num_workers: int = 2  # DataLoader worker processes decoding images (0 = in the training process)
+    prefetch_batches: int = 2  # batches each worker prepares ahead
+    cache_latents: bool = False  # EfficientNet latents computed once and kept on disk (center crops, no jitter)
+    cache_text: bool = False  # text embeddings kept on disk, keyed by caption (frozen text encoder only)
+    cache_dir: Optional[str] = None  # default: <output_dir>/cache; shareable between runs of the same encoders
 
     # -- optimisation
     steps: int = 1000  # optimizer updates
@@ -59,9 +69,13 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     warmup_steps: int = 1  # linear warmup; the first update already uses lr/warmup_steps (never 0)
+    lr_schedule: str = "constant_with_warmup"  # constant_with_warmup | cosine (to 0 after the last update)
+    optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
     max_grad_norm: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    gradient_checkpointing: bool = False
+    frozen_dtype: str = "fp32"  # fp32 | bf16 | fp16: storage of the frozen models (they then run under autocast);
+    # trained parameters and optimizer state stay fp32
+    gradient_checkpointing: bool = False  # recompute the U-Net blocks' activations in backward (every task)
 
     # -- diffusion objective
     target: str = "eps"  # eps | v
@@ -105,6 +119,7 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10
+    log_with: str = "none"  # none | tensorboard (events under <output_dir>/tensorboard); log.jsonl is always written
     sample_every: int = 0  # 0 = only at the end
     sample_prompts: list = field(default_factory=lambda: ["a photo"])
     sample_steps: int = 20
@@ -126,6 +141,37 @@ class TrainConfig:
 
         choice("task", TASKS)
         choice("dtype", ("fp32", "bf16"))
+        choice("frozen_dtype", ("fp32", "bf16", "fp16"))
+        choice("optimizer", ("adamw", "adamw8bit"))
+        choice("lr_schedule", ("constant_with_warmup", "cosine"))
+        choice("log_with", ("none", "tensorboard"))
+        if self.dtype == "bf16" and self.frozen_dtype == "fp16":
+            raise ConfigError("frozen_dtype fp16 runs the models under fp16 autocast, which contradicts dtype bf16: "
+                              "use frozen_dtype bf16, or dtype fp32")
+        if self.multi_aspect == ["auto"]:
+            lo = self.bucket_min_size or self.image_size // 2
+            hi = self.bucket_max_size or self.image_size * 2
+            if not 0 < lo <= self.image_size <= hi:
+                raise ConfigError(f"automatic buckets need bucket_min_size ({lo}) <= image_size ({self.image_size}) "
+                                  f"<= bucket_max_size ({hi})")
+        elif "auto" in self.multi_aspect:
+            raise ConfigError("multi_aspect: give either [auto] (buckets from the data) or a list of ratios, not both")
+        for name in ("keep_tokens", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.prefetch_batches < 1:
+            raise ConfigError(f"prefetch_batches must be at least 1, got {self.prefetch_batches}")
+        if self.cache_latents and self.task not in ("c", "lora"):
+            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora); task {self.task!r} needs the pixels "
+                              "of every step")
+        if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
+            raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
+                              "or cache_latents: false")
+        if self.cache_text and self.task not in ("c", "lora"):
+            raise ConfigError(f"cache_text works for Stage C tasks (c, lora), not {self.task!r}")
+        if self.cache_text and self.task == "lora" and self.train_tokens:
+            raise ConfigError("cache_text cannot be used with train_tokens: the text embeddings change while the "
+                              "tokens train (set cache_text: false)")
         choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
@@ -202,7 +248,7 @@ def _coerce(name: str, value: Any) -> Any:
             raise ConfigError(f"{name} must be a string, got {value!r}")
         value = str(value)
     elif isinstance(default, list):
-        if isinstance(value, (str, int, float)) and name in ("data", "sample_prompts"):
+        if isinstance(value, (str, int, float)) and name in ("data", "sample_prompts", "multi_aspect"):
             value = [value]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name} must be a list, got {value!r}")

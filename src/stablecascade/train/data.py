@@ -1,5 +1,8 @@
-"""Training data: image folders with `.txt` captions and webdataset `.tar` shards, aspect-ratio buckets, and a
-deterministic, resumable batch order that is the same on every rank.
+"""Training data: image folders with `.txt` captions and webdataset `.tar` shards, aspect-ratio buckets (given or
+derived from the data), caption tag shuffling, and a deterministic, resumable batch order that is the same on every
+rank, loaded ahead by DataLoader workers.
+
+A folder named `N_name` (kohya's convention) repeats its images N times per epoch.
 
 Every rank runs the same sampler (same seed) and so agrees on each *global* batch; a rank then loads only its
 slice. Random choices that shape a batch (bucket jitter, crop offsets) are drawn for the whole global batch, so
@@ -9,6 +12,7 @@ N ranks see exactly the pixels one process would. Images that cannot be read are
 
 from __future__ import annotations
 
+import copy
 import glob
 import io
 import logging
@@ -16,7 +20,7 @@ import math
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,12 +42,26 @@ class Entry:
     caption: Optional[str]  # caption file path / member name, or None
 
 
+REPEAT_FOLDER = re.compile(r"^(\d+)_.")
+
+
+def folder_repeats(image: Path, root: Path) -> int:
+    """N for an image under a folder named `N_name` (the nearest such folder, `root` included), else 1."""
+    for folder in (image.parent, *image.parent.parents):
+        match = REPEAT_FOLDER.match(folder.name)
+        if match:
+            return int(match.group(1))
+        if folder == root:
+            break
+    return 1
+
+
 def _scan_folder(folder: Path) -> list[Entry]:
     out = []
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() in IMAGE_EXTS and p.is_file():
             txt = p.with_suffix(".txt")
-            out.append(Entry(str(p), "", str(txt) if txt.is_file() else None))
+            out += [Entry(str(p), "", str(txt) if txt.is_file() else None)] * folder_repeats(p, folder)
     return out
 
 
@@ -149,6 +167,17 @@ class ImageSource:
     def __init__(self, entries: list[Entry]):
         self.entries = entries
         self._tars = _TarCache()
+        self._sizes: dict[int, tuple[int, int]] = {}
+
+    def reopen(self) -> None:
+        """Forget the open tar files (a DataLoader worker must not share the parent's file offsets)."""
+        self._tars = _TarCache()
+
+    def content_key(self, i: int) -> str:
+        """A hash of the image file's bytes: the same picture has the same key in any folder or shard."""
+        import hashlib
+
+        return hashlib.sha256(self._bytes(self.entries[i])).hexdigest()[:32]
 
     def __len__(self):
         return len(self.entries)
@@ -164,14 +193,16 @@ class ImageSource:
         return raw.decode("utf-8", errors="replace").strip()
 
     def size(self, i: int) -> tuple[int, int]:
-        """(width, height) from the header, after a structural check."""
+        """(width, height) from the header, after a structural check (remembered once it passed)."""
         from PIL import Image
 
-        data = self._bytes(self.entries[i])
-        with Image.open(io.BytesIO(data)) as im:
-            im.verify()
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
+        if i not in self._sizes:
+            data = self._bytes(self.entries[i])
+            with Image.open(io.BytesIO(data)) as im:
+                im.verify()
+            with Image.open(io.BytesIO(data)) as im:
+                self._sizes[i] = im.size
+        return self._sizes[i]
 
     def image(self, i: int) -> torch.Tensor:
         """(3,H,W) float in [0,1]."""
@@ -204,11 +235,39 @@ def bucket_sizes(image_size: int, ratios: Sequence[str], factor: int = 32) -> li
     return sizes
 
 
+def nearest_bucket(sizes: Sequence[tuple[int, int]], width: int, height: int) -> int:
+    """The bucket (h, w) whose aspect ratio w/h is closest to the image's."""
+    ratio = width / height
+    return min(range(len(sizes)), key=lambda k: abs(sizes[k][1] / sizes[k][0] - ratio))
+
+
+def auto_bucket_sizes(source: ImageSource, image_size: int, min_size: int, max_size: int,
+                      factor: int = 32) -> list[tuple[int, int]]:
+    """Buckets from the data: of every (h, w) with sides multiples of `factor` in [min_size, max_size] and the
+    widest w for its h within image_size² pixels, the ones that are the nearest in aspect ratio to some image
+    (unreadable images are left to the sampler to count)."""
+    area = image_size**2
+    candidates = []
+    for h in range(math.ceil(min_size / factor) * factor, max_size + 1, factor):
+        w = min(max_size, area // h // factor * factor)
+        if w >= min_size and (h, w) not in candidates:
+            candidates.append((h, w))
+    used = set()
+    for i in range(len(source)):
+        try:
+            width, height = source.size(i)
+        except Exception:  # noqa: BLE001 - skipped (and counted) by the sampler
+            continue
+        used.add(candidates[nearest_bucket(candidates, width, height)])
+    return sorted(used) or [(image_size, image_size)]
+
+
 @dataclass
 class Batch:
     indices: list  # dataset indices of the global batch
     size: tuple  # (h, w) of the bucket
     crops: torch.Tensor  # (B, 2) crop offsets as fractions in [0, 1)
+    number: int = 0  # how many global batches the sampler made before this one (seeds the caption shuffles)
 
 
 class Sampler:
@@ -220,7 +279,7 @@ class Sampler:
             raise ValueError("the training data holds no images")
         self.source, self.batch_size, self.sizes = source, batch_size, sizes
         self.seed, self.random_ratio = seed, random_ratio
-        self.epoch, self.cursor = 0, 0
+        self.epoch, self.cursor, self.batches = 0, 0, 0
         self.pending: dict[int, list[int]] = {i: [] for i in range(len(sizes))}
         self.skipped: dict[str, int] = {"unreadable": 0}
         self.bad: set[int] = set()
@@ -242,8 +301,7 @@ class Sampler:
             return 0
         if torch.rand((), generator=self.gen).item() < self.random_ratio:
             return int(torch.randint(len(self.sizes), (), generator=self.gen))
-        ratio = w / h
-        return min(range(len(self.sizes)), key=lambda k: abs(self.sizes[k][1] / self.sizes[k][0] - ratio))
+        return nearest_bucket(self.sizes, w, h)
 
     def __next__(self) -> Batch:
         order = self._order()
@@ -269,17 +327,18 @@ class Sampler:
             if len(self.pending[k]) == self.batch_size:
                 indices, self.pending[k] = self.pending[k], []
                 crops = torch.rand(self.batch_size, 2, generator=self.gen)
-                return Batch(indices, self.sizes[k], crops)
+                self.batches += 1
+                return Batch(indices, self.sizes[k], crops, self.batches - 1)
 
     def __iter__(self):
         return self
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "pending": {str(k): list(v) for k, v in self.pending.items()},
+        return {"epoch": self.epoch, "cursor": self.cursor, "batches": self.batches, "pending": {str(k): list(v) for k, v in self.pending.items()},
                 "skipped": dict(self.skipped), "bad": sorted(self.bad), "gen": self.gen.get_state()}
 
     def load_state_dict(self, s: dict) -> None:
-        self.epoch, self.cursor = s["epoch"], s["cursor"]
+        self.epoch, self.cursor, self.batches = s["epoch"], s["cursor"], s.get("batches", 0)
         self.pending = {int(k): list(v) for k, v in s["pending"].items()}
         self.skipped, self.bad = dict(s["skipped"]), set(s["bad"])
         self.gen.set_state(s["gen"])
@@ -297,17 +356,41 @@ def fit_crop(image: torch.Tensor, size: tuple[int, int], crop: torch.Tensor) -> 
     return image[:, top:top + h, left:left + w].clamp(0, 1)
 
 
-def load_batch(source: ImageSource, batch: Batch, part: slice, skipped: dict) -> tuple[torch.Tensor, list[str]]:
+@dataclass(frozen=True)
+class CaptionRule:
+    """Tag shuffling: captions are `separator`-separated tags; all but the first `keep` are put in a new order
+    each time a sample is drawn (the order depends only on the seed, the batch number and the position, so a
+    resumed run and every DataLoader worker draw the same)."""
+
+    shuffle: bool = False
+    keep: int = 0
+    separator: str = ","
+    seed: int = 0
+
+    def apply(self, caption: str, batch_number: int, position: int) -> str:
+        if not self.shuffle:
+            return caption
+        tags = [t.strip() for t in caption.split(self.separator)]
+        head, tail = tags[: self.keep], tags[self.keep:]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + batch_number) * 4099 + position)
+        tail = [tail[k] for k in torch.randperm(len(tail), generator=g).tolist()]
+        joiner = self.separator + " " if self.separator.strip() else self.separator
+        return joiner.join(head + tail)
+
+
+def load_batch(source: ImageSource, batch: Batch, part: slice, skipped: dict,
+               captions_rule: Optional[CaptionRule] = None) -> tuple[torch.Tensor, list[str]]:
     """Pixels (b,3,h,w) and captions of `batch.indices[part]`. An image that fails to decode is replaced by
     another image of the same slice (counted in `skipped['corrupt']`); if none decodes, grey images with empty
     captions keep the ranks in step."""
+    rule = captions_rule or CaptionRule()
     images, captions, failed = [], [], []
     idx = list(range(len(batch.indices)))[part]
     for j in idx:
         i = batch.indices[j]
         try:
             images.append(fit_crop(source.image(i), batch.size, batch.crops[j]))
-            captions.append(source.caption(i))
+            captions.append(rule.apply(source.caption(i), batch.number, j))
         except Exception as e:  # noqa: BLE001
             skipped["corrupt"] = skipped.get("corrupt", 0) + 1
             log.warning("skipping corrupt image %s: %s", source.entries[i], e)
@@ -319,3 +402,111 @@ def load_batch(source: ImageSource, batch: Batch, part: slice, skipped: dict) ->
         images.insert(pos, images[pos % len(images)])
         captions.insert(pos, captions[pos % len(captions)])
     return torch.stack(images), captions
+
+
+# ------------------------------------------------------------------------------------------------ loading ahead
+@dataclass
+class Loaded:
+    """One rank's part of a global batch, as a DataLoader worker prepared it."""
+
+    batch: Batch
+    captions: list
+    images: Optional[torch.Tensor] = None  # (b,3,h,w) in [0, 1], or None when `latents` come from the cache
+    latents: Optional[torch.Tensor] = None
+    corrupt: int = 0  # images of this part that failed to decode (replaced by others of the part)
+    position: dict = field(default_factory=dict)  # the sampler's state right after this batch
+
+
+class BatchReader(torch.utils.data.Dataset):
+    """Reads a planned batch: pixels and captions, or cached latents (centre crops) and captions."""
+
+    def __init__(self, source: ImageSource, part: slice, captions_rule: CaptionRule, latents=None,
+                 latent_keys: Optional[list] = None):
+        self.source, self.part, self.rule = source, part, captions_rule
+        self.latents, self.latent_keys = latents, latent_keys
+
+    def __getitem__(self, planned) -> Loaded:
+        batch, position = planned
+        if self.latents is None:
+            skipped: dict = {}
+            images, captions = load_batch(self.source, batch, self.part, skipped, self.rule)
+            return Loaded(batch, captions, images=images, corrupt=skipped.get("corrupt", 0), position=position)
+        found, captions, missing = [], [], 0
+        for j in list(range(len(batch.indices)))[self.part]:
+            i = batch.indices[j]
+            key = self.latent_keys[i]
+            if key is None or key not in self.latents:
+                missing += 1  # failed to decode when the cache was built
+                continue
+            found.append(self.latents.get(key))  # the key names the image's (only) bucket: no jitter with a cache
+            captions.append(self.rule.apply(self.source.caption(i), batch.number, j))
+        if not found:
+            raise ValueError(f"no image of batch {batch.number} has a cached latent")
+        for pos in range(missing):  # keep the batch size: repeat images of the same part
+            found.append(found[pos % len(found)])
+            captions.append(captions[pos % len(captions)])
+        return Loaded(batch, captions, latents=torch.stack(found), corrupt=missing, position=position)
+
+
+class _Plan:
+    """The DataLoader's index stream: each planned batch with the sampler's state after it."""
+
+    def __init__(self, sampler: "Sampler"):
+        self.sampler = sampler
+
+    def __iter__(self):
+        while True:
+            batch = next(self.sampler)
+            yield batch, self.sampler.state_dict()
+
+
+def _first(item):
+    return item
+
+
+def _reopen_source(worker_id: int) -> None:
+    torch.utils.data.get_worker_info().dataset.source.reopen()
+
+
+class Loader:
+    """Batches of `sampler`, read ahead by DataLoader workers (`workers` = 0: in this process).
+
+    The workers plan from a copy of the sampler; taking a batch moves `sampler` to the position right after that
+    batch, so a checkpoint of `sampler` records what training consumed, never what was read ahead. If `sampler`
+    is moved from outside (a resume), the read-ahead restarts from its new position."""
+
+    def __init__(self, sampler: Sampler, reader: BatchReader, workers: int = 2, prefetch: int = 2):
+        self.sampler, self.reader, self.workers, self.prefetch = sampler, reader, workers, prefetch
+        self._it, self._expected = None, None
+
+    def _where(self) -> tuple:
+        return self.sampler.epoch, self.sampler.cursor, self.sampler.batches, sorted(self.sampler.bad)
+
+    def _start(self) -> None:
+        self.close()
+        plan = Sampler(self.sampler.source, self.sampler.batch_size, self.sampler.sizes, self.sampler.seed,
+                       self.sampler.random_ratio)
+        plan.load_state_dict(copy.deepcopy(self.sampler.state_dict()))
+        extra = dict(prefetch_factor=self.prefetch, worker_init_fn=_reopen_source) if self.workers else {}
+        # its own generator: starting workers must not draw from the global RNG that dropout uses (exact resume)
+        loader = torch.utils.data.DataLoader(self.reader, sampler=_Plan(plan), batch_size=None, collate_fn=_first,
+                                             num_workers=self.workers, generator=torch.Generator(), **extra)
+        self._it = iter(loader)
+
+    def __next__(self) -> Loaded:
+        if self._it is None or self._expected != self._where():
+            self._start()
+        item = next(self._it)
+        corrupt = self.sampler.skipped.get("corrupt", 0) + item.corrupt
+        self.sampler.load_state_dict(item.position)
+        if corrupt:
+            self.sampler.skipped["corrupt"] = corrupt
+        self._expected = self._where()
+        return item
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        """Stop the workers (they restart on the next batch)."""
+        self._it = None

@@ -28,8 +28,9 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .. import checkpoints, configs, diffusion
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..models import StageA, StageB, StageC
+from . import cache as cache_mod
 from . import data as data_mod
 from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAWeights, TokenEmbedding,
                            lora_targets, matching_token_ids, new_token_row)
@@ -41,6 +42,7 @@ from .text import clip_tokenizer, encode_text, small_text_model
 log = logging.getLogger("stablecascade.train")
 
 KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c"}
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -428,13 +430,34 @@ class Trainer:
             if cfg.loss_weight == "adaptive" else None
         params = self.trained.param_groups(cfg.lr, cfg.token_lr) if cfg.task == "lora" else \
             [p for p in self.net.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
-                                           weight_decay=cfg.weight_decay)
+        self.optimizer = self._make_optimizer(params)
         self.step = 0
         self.history: list[dict] = []
         self._agree(free_space_problem(self.out, self._checkpoint_bytes()) if self.dist.main else None)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
         self._resume()
+
+    @property
+    def autocast(self):
+        """A fresh autocast context: bf16 for `dtype: bf16`, and the frozen models' dtype when they are stored in
+        bf16/fp16 (their matmuls then run in that dtype, norms and the trained fp32 parameters' updates in fp32)."""
+        dtype = FROZEN_DTYPES[self.cfg.frozen_dtype] if self.cfg.frozen_dtype != "fp32" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype,
+                              enabled=self.cfg.dtype == "bf16" or self.cfg.frozen_dtype != "fp32")
+
+    def _make_optimizer(self, params) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        if cfg.optimizer == "adamw":
+            return torch.optim.AdamW(params, **kw)
+        if self.device.type != "cuda":
+            raise InputError(f"optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit states), but training runs "
+                             f"on {self.device}: use optimizer: adamw")
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise InputError("optimizer adamw8bit needs the bitsandbytes package: pip install bitsandbytes "
+                             "(or use optimizer: adamw)") from None
+        return bitsandbytes.optim.AdamW8bit(params, **kw)
 
     # ----------------------------------------------------------------------------------------- setup
     def _setup_models(self, parts):
@@ -460,15 +483,19 @@ class Trainer:
             if getattr(self, name) is None:
                 raise ValueError(f"training task {task!r} needs {name.replace('text_model', 'text_encoder')} "
                                  "(set it in the config)")
-        for m in (self.stage_c, self.stage_b, self.stage_a, self.effnet, self.previewer, self.text_model):
+        trained_name = {"c": "stage_c", "b": "stage_b"}.get(task)
+        for name in ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_model"):
+            m = getattr(self, name)
             if m is not None:
                 m.to(self.device).eval().requires_grad_(False)
+                if name != trained_name:
+                    m.to(FROZEN_DTYPES[cfg.frozen_dtype])
+        if cfg.gradient_checkpointing:  # the trained U-Net, or the frozen Stage C that LoRA/ControlNet grads cross
+            enable_checkpointing(getattr(self, trained_name or "stage_c"))
         if task in ("c", "b"):
             trained = self.stage_c if task == "c" else self.stage_b
             if cfg.model_dropout is not None:
                 set_dropout(trained, cfg.model_dropout)
-            if cfg.gradient_checkpointing:
-                enable_checkpointing(trained)
         elif task == "lora":
             trained = LoRAModel(self.stage_c, self.text_model, self.tokenizer, cfg)
             if self.dist.main:
@@ -543,12 +570,54 @@ class Trainer:
                 raise ValueError("no training data: set `data` to image folders and/or .tar shards")
             source = data_mod.ImageSource(data_mod.index_sources(cfg.data, cfg.caption_key))
         self.source = source
-        sizes = data_mod.bucket_sizes(cfg.image_size, cfg.multi_aspect, cfg.bucket_factor)
-        self.sampler = data_mod.Sampler(source, self.micro, sizes, seed=cfg.seed, random_ratio=cfg.bucket_random_ratio)
+        if cfg.multi_aspect == ["auto"]:
+            sizes = data_mod.auto_bucket_sizes(source, cfg.image_size, cfg.bucket_min_size or cfg.image_size // 2,
+                                               cfg.bucket_max_size or cfg.image_size * 2, cfg.bucket_factor)
+            if self.dist.main:
+                log.info("buckets from the data (h x w): %s", ", ".join(f"{h}x{w}" for h, w in sizes))
+        else:
+            sizes = data_mod.bucket_sizes(cfg.image_size, cfg.multi_aspect, cfg.bucket_factor)
+        # cached latents are centre crops of each image's nearest bucket: no random bucket choice then
+        jitter = 0.0 if cfg.cache_latents else cfg.bucket_random_ratio
+        self.sampler = data_mod.Sampler(source, self.micro, sizes, seed=cfg.seed, random_ratio=jitter)
         self.skipped = self.sampler.skipped
+        rule = data_mod.CaptionRule(cfg.shuffle_tags, cfg.keep_tokens, cfg.tag_separator, cfg.seed)
+        if cfg.cache_latents and self.image_encoder is not None and cfg.image_embed_prob > 0:
+            raise ValueError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
+                             "or cache_latents: false")
+        latents, keys = self._latent_cache(sizes) if cfg.cache_latents else (None, None)
+        self.text_cache = None
+        if cfg.cache_text:
+            self.text_cache = cache_mod.TextCache(self._cache_folder("text", self.text_model), self._encode_text)
+        self.loader = data_mod.Loader(self.sampler, data_mod.BatchReader(source, self._rank_slice(), rule, latents, keys),
+                                      cfg.num_workers, cfg.prefetch_batches)
+
+    def _cache_folder(self, kind: str, model: nn.Module) -> "cache_mod.DiskCache":
+        root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
+        # the autocast the encoder runs under changes its outputs as much as its weights do
+        how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}"
+        return cache_mod.DiskCache(root / f"{kind}-{cache_mod.fingerprint(model, how)}")
+
+    def _latent_cache(self, sizes):
+        def encode(images):
+            with torch.no_grad(), self.autocast:
+                return self.effnet(images.to(self.device)).float()
+
+        cache = self._cache_folder("latents", self.effnet)
+        keys = cache_mod.precompute_latents(self.source, sizes, encode, cache, (self.dist.rank, self.dist.world),
+                                            batch_size=self.micro)
+        self.dist.barrier()
+        return (cache_mod.DiskCache(cache.folder) if self.dist.enabled else cache), keys
+
+    def _encode_text(self, prompts):
+        with torch.no_grad(), self.autocast:
+            text, pooled = encode_text(self.text_model, self.tokenizer, prompts, self.device)
+        return text.float(), pooled.float()
 
     # ----------------------------------------------------------------------------------------- conditioning
     def _text(self, prompts):
+        if self.text_cache is not None:
+            return self.text_cache.encode(prompts, self.device)
         with torch.no_grad():
             return encode_text(self.text_model, self.tokenizer, prompts, self.device)
 
@@ -575,14 +644,16 @@ class Trainer:
             parts.append(eps)
         return torch.cat(parts)
 
-    def _loss(self, images: torch.Tensor, captions: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local))."""
+    def _loss(self, images: Optional[torch.Tensor], captions: list, cached_latents: Optional[torch.Tensor] = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local)). Stage C tasks
+        take `cached_latents` instead of `images` when the latents come from the cache."""
         cfg, task, sl, g, n = self.cfg, self.cfg.task, self._rank_slice(), self.gen, self.micro
-        images = images.to(self.device)
+        images = None if images is None else images.to(self.device)
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
         lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast:
             if task == "b":
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
@@ -596,9 +667,9 @@ class Trainer:
                 eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise).to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
-                latents = self.effnet(images)
+                latents = self.effnet(images) if cached_latents is None else cached_latents.to(self.device)
                 c_img = self.stage_c.config.c_clip_img
-                clip_img = torch.zeros(len(images), 1, c_img, device=self.device)
+                clip_img = torch.zeros(len(captions), 1, c_img, device=self.device)
                 if self.image_encoder is not None and use_img.any():
                     emb = self.image_encoder(images).to(self.device, torch.float32)
                     clip_img = torch.where(use_img.view(-1, 1, 1).to(self.device), emb, clip_img)
@@ -642,8 +713,7 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- the loop
     def _lr(self) -> float:
-        w = self.cfg.warmup_steps
-        return self.cfg.lr * (min(1.0, (self.step + 1) / w) if w > 0 else 1.0)
+        return self.cfg.lr * lr_factor(self.step, self.cfg.steps, self.cfg.warmup_steps, self.cfg.lr_schedule)
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -656,11 +726,10 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         raws, lams = [], []
         for k in range(cfg.grad_accum_steps):
-            batch = next(self.sampler)
-            images, captions = data_mod.load_batch(self.source, batch, self._rank_slice(), self.skipped)
+            item = next(self.loader)
             sync = self.dist.enabled and k < cfg.grad_accum_steps - 1 and hasattr(self.net, "no_sync")
             with self.net.no_sync() if sync else contextlib.nullcontext():
-                loss, raw, lam = self._loss(images, captions)
+                loss, raw, lam = self._loss(item.images, item.captions, item.latents)
                 (loss / cfg.grad_accum_steps).backward()
             raw, lam = self.dist.gather_cat(raw.float()), self.dist.gather_cat(lam.float())
             if self.loss_weight is not None:
@@ -677,7 +746,7 @@ class Trainer:
             beta = 0.0 if self.step <= cfg.ema_start else cfg.ema_beta
             ema_update_(self.ema, self._full_module(), beta)
         record = {"step": self.step, "loss": float(torch.cat(raws).mean()), "lr": lr, "grad_norm": float(gnorm),
-                  "skipped": sum(self.skipped.values())}
+                  "skipped": sum(self.sampler.skipped.values())}
         self.history.append(record)
         return record
 
@@ -690,24 +759,49 @@ class Trainer:
         return self.trained
 
     def fit(self, progress: bool = True) -> list[dict]:
+        """Train to `steps`, with a progress bar (ETA) on the main rank when `progress`; log.jsonl and TensorBoard
+        (`log_with`) get the loss (raw and smoothed), learning rate, grad norm and the sample grids."""
+        from tqdm.auto import tqdm
+
         cfg = self.cfg
         start, t0 = self.step, time.time()
-        while self.step < cfg.steps:
-            rec = self.train_step()
-            if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == start + 1):
-                rate = (self.step - start) / max(1e-9, time.time() - t0)
-                log.info("step %d/%d loss %.4f lr %.2e grad %.3f skipped %d (%.2f it/s)", self.step, cfg.steps,
-                         rec["loss"], rec["lr"], rec["grad_norm"], rec["skipped"], rate)
-                with open(self.out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
-                self.save_checkpoint()
-            if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
-                self.sample()
-        self.export()
-        self.sample()
+        board = TrainLog(self.out, cfg.log_with) if self.dist.main else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (progress and self.dist.main), unit="step",
+                   dynamic_ncols=True)
+        try:
+            while self.step < cfg.steps:
+                rec = self.train_step()
+                bar.update(1)
+                if board is not None:
+                    rec["loss_smooth"] = board.smooth(rec["loss"])
+                    bar.set_postfix(loss=f"{rec['loss_smooth']:.4f}", lr=f"{rec['lr']:.2e}", refresh=False)
+                if self.dist.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == start + 1):
+                    rate = (self.step - start) / max(1e-9, time.time() - t0)
+                    log.info("step %d/%d loss %.4f lr %.2e grad %.3f skipped %d (%.2f it/s)", self.step, cfg.steps,
+                             rec["loss"], rec["lr"], rec["grad_norm"], rec["skipped"], rate)
+                    board.write(rec)
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    self.save_checkpoint()
+                if cfg.sample_every and self.step % cfg.sample_every == 0 and self.step != cfg.steps:
+                    self._sample_and_log(board)
+            bar.close()
+            self.export()
+            self._sample_and_log(board)
+        finally:
+            bar.close()
+            self.loader.close()
+            if self.text_cache is not None:
+                self.text_cache.cache.flush()
+            if board is not None:
+                board.close()
         self.dist.barrier()
         return self.history
+
+    def _sample_and_log(self, board: Optional["TrainLog"]) -> None:
+        with self.autocast:  # frozen models stored in bf16/fp16 run under autocast
+            path = self.sample()
+        if board is not None and path is not None:
+            board.image(path, self.step)
 
     # ----------------------------------------------------------------------------------------- checkpoints
     # A checkpoint folder holds model.safetensors (+ ema.safetensors), optimizer.{json,safetensors},
@@ -1021,6 +1115,64 @@ class Trainer:
         _, neg = self._text([""] * len(captions))
         return decode_b(self.trained, self.stage_a, effnet, pooled, neg, images.shape[-1], gen, self.device,
                         height=images.shape[-2], shift=self.cfg.noise_shift)
+
+
+class TrainLog:
+    """log.jsonl lines, and TensorBoard scalars and sample images when `log_with: tensorboard` (imported only
+    then). The smoothed loss is an exponential moving average (weight 0.9 on the past), debiased for the first
+    steps."""
+
+    SMOOTHING = 0.9
+
+    def __init__(self, out: Path, log_with: str):
+        self.out, self.average, self.seen = out, 0.0, 0
+        self.board = None
+        if log_with == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise InputError("log_with: tensorboard needs the tensorboard package: pip install tensorboard "
+                                 "(or log_with: none)") from None
+            self.board = SummaryWriter(str(out / "tensorboard"))
+
+    def smooth(self, loss: float) -> float:
+        self.seen += 1
+        self.average = self.SMOOTHING * self.average + (1 - self.SMOOTHING) * loss
+        return self.average / (1 - self.SMOOTHING**self.seen)
+
+    def write(self, record: dict) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            for key, tag in (("loss", "loss/raw"), ("loss_smooth", "loss/smoothed"), ("lr", "lr"),
+                             ("grad_norm", "grad_norm"), ("skipped", "data/skipped")):
+                self.board.add_scalar(tag, record[key], record["step"])
+
+    def image(self, path: Path, step: int) -> None:
+        if self.board is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.board.add_image("samples", np.asarray(im.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self.board is not None:
+            self.board.close()
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The share of `lr` that update `step` (0-based) uses: linear warmup reaching 1 at update `warmup` - 1 (the
+    first update already moves), then 1 (constant_with_warmup) or a half cosine that would reach 0 one update after
+    the last (cosine: the last update still learns)."""
+    done = step + 1
+    if done < warmup:
+        return done / warmup
+    if schedule == "constant_with_warmup":
+        return 1.0
+    progress = (done - max(warmup, 1)) / max(1, steps + 1 - max(warmup, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def _lam_from_r(r):

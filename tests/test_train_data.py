@@ -1,0 +1,276 @@
+"""Training memory, data and logging: frozen bf16 models, gradient checkpointing for every task, 8-bit AdamW's
+message, LR schedules against diffusers', kohya folder repeats and tag shuffling, automatic buckets, the DataLoader
+read-ahead keeping the checkpointed position exact, the latent/text caches, TensorBoard logging."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stablecascade import configs
+from stablecascade.errors import InputError
+from stablecascade.models import StageC
+from stablecascade.train import ConfigError, load_config
+from stablecascade.train import cache as cache_mod
+from stablecascade.train import data as data_mod
+from stablecascade.train.config import from_dict
+from stablecascade.train.trainer import Trainer, lr_factor
+
+
+def _image(seed, size=(64, 64)):
+    rng = np.random.default_rng(seed)
+    arr = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    arr[:] = rng.integers(0, 255, 3)
+    arr[: size[1] // 2, : size[0] // 2] = rng.integers(0, 255, 3)
+    return Image.fromarray(arr)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    for i in range(8):
+        _image(i).save(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def text():
+    """The tiny text encoder and tokenizer, built once (each trainer gets its own copy of the model)."""
+    from stablecascade.train.text import clip_tokenizer, small_text_model
+
+    return clip_tokenizer(), small_text_model()
+
+
+def _parts(text, **kw):
+    import copy
+
+    return {"text": (text[0], copy.deepcopy(text[1])), **kw}
+
+
+def _stage_c():
+    torch.manual_seed(3)
+    model = StageC(configs.STAGE_C["tiny"])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    return model
+
+
+def _cfg(tmp_path, folder, task="c", **kw):
+    base = dict(task=task, output_dir=str(tmp_path / "run"), data=[str(folder)], image_size=64, steps=2,
+                batch_size=2, stage_c="new:tiny", effnet="nano", text_encoder="tiny", save_every=100,
+                sample_steps=2, model_dropout=0.0, lr=1e-3, num_workers=0, caption_dropout=0.0)
+    base.update(kw)
+    return from_dict(base).validate()
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def _count_block_calls(trainer):
+    """Calls of one Linear inside the first down block during a training step: 2 when the block is recomputed."""
+    block = trainer.stage_c.down_blocks[0][0]
+    linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+    calls = []
+    handle = linear.register_forward_hook(lambda *a: calls.append(1))
+    trainer.train_step()
+    handle.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("task,extra", [("lora", {}), ("controlnet", {"controlnet_kind": "inpaint",
+                                                                      "controlnet_bottleneck": "simple"})])
+def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder, text, task, extra):
+    results = {}
+    for ckpt in (False, True):
+        cfg = _cfg(tmp_path / str(ckpt), folder, task, gradient_checkpointing=ckpt, **extra)
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
+        calls = _count_block_calls(trainer)
+        results[ckpt] = (calls, [p.detach().clone() for p in trainer.trained.parameters() if p.requires_grad])
+    assert results[True][0] == 2 * results[False][0]  # recomputed in the backward pass
+    for a, b in zip(results[False][1], results[True][1]):  # ... to the same update
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_models_in_bf16_train_fp32_lora(tmp_path, folder, text):
+    losses = {}
+    for frozen in ("fp32", "bf16"):
+        cfg = _cfg(tmp_path / frozen, folder, "lora", frozen_dtype=frozen, steps=1)
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
+        losses[frozen] = trainer.train_step()
+    frozen_dtypes = {p.dtype for p in trainer.stage_c.parameters() if not p.requires_grad}
+    assert frozen_dtypes == {torch.bfloat16}
+    assert {p.dtype for p in trainer.text_model.parameters() if not p.requires_grad} == {torch.bfloat16}
+    trained = [p for p in trainer.trained.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    states = [s for s in trainer.optimizer.state.values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    assert losses["bf16"]["grad_norm"] > 0
+    assert losses["bf16"]["loss"] == pytest.approx(losses["fp32"]["loss"], rel=0.05)
+
+
+def test_memory_options_are_checked():
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        load_config(None, ["frozen_dtype=int4"])
+    with pytest.raises(ConfigError, match="contradicts dtype bf16"):
+        load_config(None, ["frozen_dtype=fp16", "dtype=bf16"])
+
+
+def test_adamw8bit_on_cpu_says_what_to_do(tmp_path, folder, text):
+    with pytest.raises(InputError, match="adamw8bit needs a CUDA GPU.*optimizer: adamw"):
+        Trainer(_cfg(tmp_path, folder, optimizer="adamw8bit"), parts=_parts(text))
+
+
+# ------------------------------------------------------------------------------------------------- schedules
+def test_lr_schedules_match_diffusers():
+    from diffusers.optimization import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    steps, warmup = 20, 5
+    for schedule, make in (("cosine", lambda o: get_cosine_schedule_with_warmup(o, warmup, steps + 1)),
+                           ("constant_with_warmup", lambda o: get_constant_schedule_with_warmup(o, warmup))):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        reference = make(opt)
+        opt.step()
+        reference.step()  # our update k uses diffusers' factor at k + 1: the first update already moves
+        for k in range(steps):
+            assert lr_factor(k, steps, warmup, schedule) == pytest.approx(opt.param_groups[0]["lr"]), (schedule, k)
+            opt.step()
+            reference.step()
+    assert lr_factor(steps - 1, steps, warmup, "cosine") > 0
+    assert lr_factor(0, 10, 0, "cosine") == 1.0 and math.isclose(lr_factor(9, 10, 0, "cosine"),
+                                                                   0.5 * (1 + math.cos(math.pi * 9 / 10)))
+
+
+# ------------------------------------------------------------------------------------------------- data
+def test_kohya_folder_repeats(tmp_path):
+    for sub, n in (("3_cat", 2), ("dog", 1), ("2_misc/nested", 1)):
+        d = tmp_path / sub
+        d.mkdir(parents=True)
+        for i in range(n):
+            _image(i).save(d / f"{i}.png")
+    entries = data_mod.index_sources([str(tmp_path)])
+    by_folder = {}
+    for e in entries:
+        by_folder[e.source.split("/")[-2]] = by_folder.get(e.source.split("/")[-2], 0) + 1
+    assert by_folder == {"3_cat": 6, "dog": 1, "nested": 2}
+    assert len(data_mod.index_sources([str(tmp_path / "3_cat")])) == 6  # the folder given itself counts too
+
+
+def test_tag_shuffling_keeps_the_first_tags():
+    rule = data_mod.CaptionRule(shuffle=True, keep=2, seed=0)
+    caption = "sks person, photo, " + ", ".join(f"tag{i}" for i in range(8))
+    orders = set()
+    for number in range(6):
+        out = rule.apply(caption, number, 0)
+        tags = out.split(", ")
+        assert tags[:2] == ["sks person", "photo"] and sorted(tags[2:]) == sorted(f"tag{i}" for i in range(8))
+        assert out == rule.apply(caption, number, 0)  # the same draw for the same batch and position
+        orders.add(out)
+    assert len(orders) > 1
+    assert data_mod.CaptionRule().apply(caption, 3, 1) == caption
+
+
+def test_automatic_buckets_from_the_data(tmp_path):
+    for i, size in enumerate([(96, 48), (96, 48), (64, 64), (40, 80)]):
+        _image(i, size).save(tmp_path / f"{i}.png")
+    source = data_mod.ImageSource(data_mod.index_sources([str(tmp_path)]))
+    sizes = data_mod.auto_bucket_sizes(source, 256, 128, 512, factor=16)
+    assert len(sizes) == 3  # one per aspect ratio in the data
+    for h, w in sizes:
+        assert h % 16 == 0 and w % 16 == 0 and 128 <= min(h, w) and max(h, w) <= 512 and 0.9 < h * w / 256**2 <= 1
+    for i in range(len(source)):
+        width, height = source.size(i)
+        h, w = sizes[data_mod.nearest_bucket(sizes, width, height)]
+        assert abs(w / h - width / height) < 0.1
+    cfg = load_config(None, ["multi_aspect=auto", "bucket_min_size=32"])
+    assert cfg.multi_aspect == ["auto"]
+    with pytest.raises(ConfigError, match="bucket_min_size"):
+        load_config(None, ["multi_aspect=auto", "bucket_min_size=1000"])
+
+
+def test_loader_reads_ahead_but_checkpoints_what_was_consumed(folder):
+    source = data_mod.ImageSource(data_mod.index_sources([str(folder)]))
+    sizes = data_mod.bucket_sizes(64, [])
+    rule = data_mod.CaptionRule(shuffle=True, seed=1)
+    reference = data_mod.Sampler(source, 3, sizes, seed=5)
+    sampler = data_mod.Sampler(source, 3, sizes, seed=5)
+    loader = data_mod.Loader(sampler, data_mod.BatchReader(source, slice(0, 2), rule), workers=2, prefetch=2)
+    for _ in range(5):  # crosses an epoch boundary (8 images, 3 per batch)
+        item = next(loader)
+        batch = next(reference)
+        images, captions = data_mod.load_batch(source, batch, slice(0, 2), {}, rule)
+        assert item.batch.indices == batch.indices and torch.equal(item.images, images) and item.captions == captions
+        # the position is the consumed one, although the workers have planned further
+        assert sampler.state_dict()["cursor"] == reference.state_dict()["cursor"]
+        assert sampler.state_dict()["epoch"] == reference.state_dict()["epoch"]
+    # moving the sampler from outside (a resume) restarts the read-ahead from there
+    saved = reference.state_dict()
+    expected = next(reference)
+    sampler.load_state_dict(saved)
+    assert next(loader).batch.indices == expected.indices
+    loader.close()
+
+
+# ------------------------------------------------------------------------------------------------- caches
+def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder, text):
+    cache_dir = tmp_path / "cache"
+    plain = Trainer(_cfg(tmp_path / "plain", folder, bucket_random_ratio=0.0), parts=_parts(text))
+    cached = Trainer(_cfg(tmp_path / "cached", folder, cache_latents=True, cache_text=True,
+                          cache_dir=str(cache_dir)), parts=_parts(text))
+    for _ in range(2):
+        a, b = plain.train_step(), cached.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    cached.text_cache.cache.flush()
+    shards = sorted(cache_dir.rglob("*.safetensors"))
+    assert {p.parent.name.split("-")[0] for p in shards} == {"latents", "text"}
+    # a new run with the same encoders reads the cache and encodes nothing
+    effnet_calls = []
+    again = _cfg(tmp_path / "again", folder, cache_latents=True, cache_text=True, cache_dir=str(cache_dir))
+    trainer = Trainer(again, parts=_parts(text, effnet=_counting_effnet(effnet_calls)))
+    trainer.text_cache.encode_fn = lambda prompts: pytest.fail(f"encoded {prompts} again")
+    trainer.train_step()
+    assert effnet_calls == [] and sorted(cache_dir.rglob("*.safetensors")) == shards
+
+
+def _counting_effnet(calls):
+    from stablecascade.train.trainer import load_effnet
+
+    effnet = load_effnet("nano")
+    forward = effnet.forward
+
+    def counted(x):
+        calls.append(x.shape)
+        return forward(x)
+
+    effnet.forward = counted
+    return effnet
+
+
+def test_a_different_encoder_gets_its_own_cache(tmp_path):
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    assert cache_mod.fingerprint(a) != cache_mod.fingerprint(b)
+    assert cache_mod.fingerprint(a, "bf16") != cache_mod.fingerprint(a, "fp32")
+    store = cache_mod.DiskCache(tmp_path)
+    store.put("k", torch.arange(3.0))
+    store.flush()
+    assert torch.equal(cache_mod.DiskCache(tmp_path).get("k"), torch.arange(3.0))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+# ------------------------------------------------------------------------------------------------- logging
+def test_tensorboard_logs_loss_lr_grad_norm_and_samples(tmp_path, folder, text):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from stablecascade.train import train
+
+    cfg = _cfg(tmp_path, folder, steps=3, log_every=1, log_with="tensorboard", lr_schedule="cosine",
+               warmup_steps=2)
+    trainer = train(cfg, parts=_parts(text))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    assert {"loss/raw", "loss/smoothed", "lr", "grad_norm"} <= set(tags["scalars"])
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([h["lr"] for h in trainer.history])
+    assert [e.value for e in events.Scalars("grad_norm")] == pytest.approx([h["grad_norm"] for h in trainer.history])
+    assert events.Scalars("loss/smoothed")[0].value == pytest.approx(trainer.history[0]["loss"])
+    assert "samples" in tags["images"]
