@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
@@ -19,14 +19,15 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in array]
 
 
-def save_png(image: Image.Image, path: Union[str, Path], parameters: dict) -> Path:
-    """Save with the parameters as JSON in a PNG text chunk (also under "parameters", which other UIs read)."""
+def save_png(image: Image.Image, path: Union[str, Path, BinaryIO], parameters: dict) -> Union[Path, BinaryIO]:
+    """Save with the parameters as JSON in a PNG text chunk (also under "parameters", which other UIs read), to a
+    file path or a binary file object."""
     info = PngImagePlugin.PngInfo()
     text = json.dumps(parameters, sort_keys=True)
     info.add_text(PARAMETERS_KEY, text)
     info.add_text("parameters", text)
-    path = Path(path)
-    image.save(path, pnginfo=info)
+    path = path if hasattr(path, "write") else Path(path)
+    image.save(path, format="PNG", pnginfo=info)
     return path
 
 
