@@ -349,12 +349,12 @@ class _StopRequest:
 class _Progress:
     """A bar of this rank's rows with images/s and ETA; rank 0 adds the total of all ranks (counters in PARTS)."""
 
-    def __init__(self, parts: Path, rank: int, world: int, rows: int, all_rows: int):
+    def __init__(self, parts: Path, rank: int, local_rank: int, world: int, rows: int, all_rows: int):
         from tqdm.auto import tqdm
 
         self.parts, self.rank, self.world, self.all_rows = parts, rank, world, all_rows
         self.images, self.started = 0, time.perf_counter()
-        self.bar = tqdm(total=rows, unit="row", desc=f"rank {rank}" if world > 1 else "batch", position=rank,
+        self.bar = tqdm(total=rows, unit="row", desc=f"rank {rank}" if world > 1 else "batch", position=local_rank,
                         dynamic_ncols=True)
 
     def update(self, rows: int, images: int) -> None:
@@ -398,9 +398,11 @@ def run(args: argparse.Namespace, load: Callable, options: Callable, parameters:
                 stale.unlink()  # left by a killed run; nothing is writing yet (the barrier below)
         store = STORES[args.format](out, dist.rank, args.shard_size)
         done = {r.get("key") or r["file"][:-4] for r in store.records(_read_jsonl(out / MANIFEST))}
-        mine = [g for i, g in enumerate(groups) if i % dist.world == dist.rank]
-        todo = [g for g in mine if not all(k in done for r in g.rows for k in image_keys(r, n))]
-        all_todo = sum(1 for r in rows if not all(k in done for k in image_keys(r, n)))
+
+        def finished(row: Row) -> bool:
+            return all(k in done for k in image_keys(row, n))
+
+        todo = [g for i, g in enumerate(groups) if i % dist.world == dist.rank and not all(map(finished, g.rows))]
         if dist.world > 1 and args.device in (None, "cuda"):
             import torch
 
@@ -408,20 +410,17 @@ def run(args: argparse.Namespace, load: Callable, options: Callable, parameters:
         dist.barrier()
         pipe = load(args) if any(not r.error for g in todo for r in g.rows) else None
         base_scales = pipe.loras if pipe is not None else {}
-        errors_log = parts / f"errors-{dist.rank}.jsonl"
-        progress = _Progress(parts, dist.rank, dist.world,
-                             sum(1 for g in todo for r in g.rows if not all(k in done for k in image_keys(r, n))),
-                             all_todo)
+        progress = _Progress(parts, dist.rank, dist.local_rank, dist.world,
+                             sum(not finished(r) for g in todo for r in g.rows), sum(not finished(r) for r in rows))
         failed = 0
-        with _StopRequest() as stop, open(errors_log, "a", encoding="utf-8") as errors:
+        with _StopRequest() as stop, open(parts / f"errors-{dist.rank}.jsonl", "a", encoding="utf-8") as errors:
             for group in todo:
                 if stop.requested:
                     break
-                pending = [r for r in group.rows if not all(k in done for k in image_keys(r, n))]
-                results = _run_group(pipe, group, n, base_scales)
                 made = 0
-                for row, (images, error) in zip(group.rows, results):
-                    if row not in pending:
+                pending = [not finished(r) for r in group.rows]  # a group runs whole: its pixels stay the same
+                for row, todo_row, (images, error) in zip(group.rows, pending, _run_group(pipe, group, n, base_scales)):
+                    if not todo_row:
                         continue
                     if error is not None:
                         failed += 1
@@ -433,7 +432,7 @@ def run(args: argparse.Namespace, load: Callable, options: Callable, parameters:
                         del meta["index_in_batch"]  # it depends on the grouping; the output must not
                         store.add(key, _png(image, meta), meta)
                     made += len(images)
-                progress.update(len(pending), made)
+                progress.update(sum(pending), made)
             store.close()
         progress.close()
         print(f"rank {dist.rank}: {progress.images} image(s) in {time.perf_counter() - progress.started:.1f}s "
