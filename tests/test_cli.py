@@ -26,7 +26,7 @@ def test_generate_writes_pngs_with_parameters(tiny, tmp_path, capsys):
     assert Image.open(files[0]).size == (72, 64)
     params = read_parameters(files[1])
     assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blurry"
-    assert params["seed"] == 3 and params["prior_steps"] == 2 and params["decoder_steps"] == 1
+    assert params["seed"] == 4 and params["prior_steps"] == 2 and params["decoder_steps"] == 1
     assert params["dtype"] == "float32" and params["prior"] == str(tiny.prior)
     assert "stablecascade_00002.png" in capsys.readouterr().out
 

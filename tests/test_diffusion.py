@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from stablecascade import diffusion as D
+from stablecascade import sampling
 
 # ---------------------------------------------------------------------------------------------------------------
 # float64 reference formulas (official-spec §4.1, §4.2, §4.4, §4.8)
@@ -335,7 +336,7 @@ def test_wuerstchen_step_matches_diffusers(steps, batch):
 def test_sample_official_calls_and_r(shift, t_start, steps):
     calls = []
     x = torch.randn(2, 2, 3, 3, generator=gen(0))
-    D.sample(fake_denoiser(calls), x, steps, shift=shift, t_start=t_start, generator=gen(1))
+    sampling.sample(fake_denoiser(calls), x, steps, shift=shift, t_start=t_start, generator=gen(1))
     assert len(calls) == steps
     ts = torch.linspace(t_start, 0, steps + 1)[:-1]
     want = D.noise_cond(D.logsnr(ts, shift))
@@ -347,19 +348,19 @@ def test_sample_official_calls_and_r(shift, t_start, steps):
 
 def test_sample_t_start_half():
     calls = []
-    D.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, t_start=0.5, generator=gen(0))
+    sampling.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, t_start=0.5, generator=gen(0))
     assert calls[0].item() == pytest.approx(0.5, abs=1e-5)  # shift 1: r is t
     calls = []
-    D.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, shift=2, t_start=0.5, generator=gen(0))
+    sampling.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, shift=2, t_start=0.5, generator=gen(0))
     assert calls[0].item() == pytest.approx(h_noise_cond(h_logsnr(0.5, 2)), abs=1e-4)
     calls = []
-    D.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, t_start=0.5, mode="diffusers", generator=gen(0))
+    sampling.sample(fake_denoiser(calls), torch.zeros(1, 1, 2, 2), 4, t_start=0.5, sampler="diffusers", generator=gen(0))
     assert calls[0].item() == 0.5
 
 
 def test_sample_diffusers_r_is_t():
     calls = []
-    D.sample(fake_denoiser(calls), torch.zeros(3, 1, 2, 2), 7, mode="diffusers", generator=gen(0))
+    sampling.sample(fake_denoiser(calls), torch.zeros(3, 1, 2, 2), 7, sampler="diffusers", generator=gen(0))
     assert len(calls) == 7
     ts = torch.linspace(1, 0, 8)
     for i, r in enumerate(calls):
@@ -369,9 +370,9 @@ def test_sample_diffusers_r_is_t():
 def test_sample_mode_errors():
     x = torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError):
-        D.sample(fake_denoiser(), x, 3, shift=2.0, mode="diffusers")
+        sampling.sample(fake_denoiser(), x, 3, shift=2.0, sampler="diffusers")
     with pytest.raises(ValueError):
-        D.sample(fake_denoiser(), x, 3, mode="euler")
+        sampling.sample(fake_denoiser(), x, 3, sampler="bogus")
 
 
 @pytest.mark.parametrize(("mode", "draws"), [("official", lambda n: n - 1), ("diffusers", lambda n: n)])
@@ -379,7 +380,7 @@ def test_sample_rng_draw_count(mode, draws):
     steps = 6
     x = torch.zeros(2, 3, 4, 4)
     g = gen(11)
-    D.sample(fake_denoiser(), x, steps, mode=mode, generator=g)
+    sampling.sample(fake_denoiser(), x, steps, sampler=mode, generator=g)
     ref = gen(11)
     for _ in range(draws(steps)):
         torch.randn(x.shape, generator=ref)
@@ -390,12 +391,12 @@ def test_sample_rng_draw_count(mode, draws):
 def test_sample_callback_and_determinism(mode):
     seen = []
     x = torch.randn(2, 2, 3, 3, generator=gen(0))
-    out1 = D.sample(fake_denoiser(), x, 5, mode=mode, generator=gen(5), callback=lambda i, x0: seen.append((i, x0)))
+    out1 = sampling.sample(fake_denoiser(), x, 5, sampler=mode, generator=gen(5), callback=lambda i, x0: seen.append((i, x0)))
     assert [i for i, _ in seen] == list(range(5))
     assert all(x0.shape == x.shape for _, x0 in seen)
-    out2 = D.sample(fake_denoiser(), x, 5, mode=mode, generator=gen(5))
+    out2 = sampling.sample(fake_denoiser(), x, 5, sampler=mode, generator=gen(5))
     assert torch.equal(out1, out2)
-    out3 = D.sample(fake_denoiser(), x, 5, mode=mode, generator=gen(6))
+    out3 = sampling.sample(fake_denoiser(), x, 5, sampler=mode, generator=gen(6))
     assert not torch.equal(out1, out3)
     if mode == "official":  # the result is the last step's x0 prediction
         assert torch.equal(out1, seen[-1][1])
@@ -407,7 +408,7 @@ def test_sample_diffusers_matches_scheduler_loop():
     steps, batch = 10, 2
     x = torch.randn(batch, 4, 3, 3, generator=gen(0))
     den = fake_denoiser()
-    ours = D.sample(den, x, steps, mode="diffusers", generator=gen(9))
+    ours = sampling.sample(den, x, steps, sampler="diffusers", generator=gen(9))
     sched = DDPMWuerstchenScheduler()
     sched.set_timesteps(steps)
     g, lat = gen(9), x.clone()
@@ -422,7 +423,7 @@ def test_sample_official_matches_hand_loop():
     steps, shift = 6, 2.0
     x = torch.randn(1, 2, 2, 2, generator=gen(0))
     den = fake_denoiser()
-    ours = D.sample(den, x, steps, shift=shift, generator=gen(4))
+    ours = sampling.sample(den, x, steps, shift=shift, generator=gen(4))
     g = gen(4)
     lams = [h_logsnr(t, shift) for t in grid(steps)]
     xh = x.double()

@@ -46,7 +46,7 @@ def test_matches_diffusers_with_negative_prompt_decoder_guidance_and_copies(tiny
 
 def test_prior_latents_match_diffusers_prior(tiny, pipe):
     """Images saturate with random weights, so also compare the Stage C latents themselves."""
-    import stablecascade.diffusion as D
+    import stablecascade.sampling as S
 
     prior = oracle.prior_pipeline(tiny.tc)
     want = prior(prompt=PROMPTS, width=256, height=256, num_inference_steps=5, guidance_scale=4.0,
@@ -54,11 +54,11 @@ def test_prior_latents_match_diffusers_prior(tiny, pipe):
     text, pooled = pipe.text_encoder(PROMPTS)
     neg_text, neg_pooled = pipe.text_encoder(["", ""])
     no_img = torch.zeros(2, 1, oracle.IMG_PROJ)
-    denoise = pipe._denoiser(pipe.stage_c, dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_img),
+    denoise = S.GuidedDenoiser(pipe.stage_c, dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_img),
                              dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=no_img), 4.0, 0.0)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(want.shape, generator=g)
-    got = D.sample(denoise, x, 5, mode="diffusers", generator=g)
+    got = S.sample(denoise, x, 5, sampler="diffusers", generator=g)
     assert (got - want).abs().max() / want.abs().max() <= 1e-5
 
 
@@ -99,12 +99,12 @@ def test_official_mode_matches_hand_written_gdf_loop(tiny, pipe):
             sigma = math.sqrt(b2**2 / b**2) * math.sqrt(1 - a**2 / a2**2)
             x = a2 * want_x0 + math.sqrt(b2**2 - sigma**2) * eps + sigma * torch.randn(x.shape, generator=g)
 
-    import stablecascade.diffusion as D
+    import stablecascade.sampling as S
 
-    denoise = pipe._denoiser(pipe.stage_c, dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_img),
+    denoise = S.GuidedDenoiser(pipe.stage_c, dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_img),
                              dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=no_img), cfg, rho)
     g = torch.Generator().manual_seed(7)
-    got = D.sample(denoise, torch.randn(1, 16, 6, 6, generator=g), steps, shift=shift, mode="official", generator=g)
+    got = S.sample(denoise, torch.randn(1, 16, 6, 6, generator=g), steps, shift=shift, sampler="official", generator=g)
     assert (got - want_x0).abs().max() / want_x0.abs().max() <= 1e-4
 
 
@@ -133,7 +133,7 @@ def test_pil_output_carries_parameters(pipe):
     assert len(images) == 4 and images[0].size == (64, 64) and images[0].mode == "RGB"
     params = [im.info["parameters"] for im in images]
     assert [p["prompt"] for p in params] == ["a", "a", "b", "b"]
-    assert all(p["seed"] == 11 and p["prior_steps"] == 1 for p in params)
+    assert [p["seed"] for p in params] == [11, 12, 13, 14] and all(p["prior_steps"] == 1 for p in params)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -145,7 +145,10 @@ def test_pil_output_carries_parameters(pipe):
     (dict(decoder_steps=-3), "decoder_steps"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prior_guidance=float("nan")), "prior_guidance"),
-    (dict(sampling="euler"), "sampling"),
+    (dict(sampling="heun"), "sampling"),
+    (dict(seed=-1), "seeds"),
+    (dict(seed=[1, 2]), "2 seeds for 1 images"),
+    (dict(generator=[torch.Generator()] * 3), "3 generators"),
     (dict(output_type="np"), "output_type"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=["a", "b"], negative_prompt=["only one"]), "negative_prompt"),

@@ -75,7 +75,7 @@ def test_txt2img_wait_returns_the_pipelines_images_with_parameters(client, pipe)
     images = [decode(im["base64"]) for im in job["images"]]
     assert all(im.size == (64, 64) and im.format == "PNG" for im in images)
     params = job["images"][1]["parameters"]
-    assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blurry" and params["seed"] == 5
+    assert params["prompt"] == "a red circle" and params["negative_prompt"] == "blurry" and params["seed"] == 6  # seed + index
     assert params["prior_steps"] == 2 and params["decoder_steps"] == 1 and params["prior"] == "tiny"
     assert json.loads(images[1].text["stablecascade"]) == params  # the PNG carries them too
     assert job["request"]["prompt"] == "a red circle" and job["request"]["seed"] == 5
@@ -97,7 +97,7 @@ def test_async_job_lifecycle(client):
     assert r.headers["location"] == f"/v1/jobs/{job['id']}"
     done = wait_for(client, job["id"])
     assert done["status"] == "done" and done["started"] >= done["created"] and done["finished"] >= done["started"]
-    assert done["progress"] == {"stage": "decoder", "step": 1}
+    assert done["progress"] == {"stage": "decoder", "step": 1, "total": 1}
     assert done["images"][0]["base64"] is None and done["images"][0]["parameters"]["seed"] == 1
     embedded = client.get(f"/v1/jobs/{job['id']}?include_images=true").json()["images"][0]["base64"]
     assert decode(embedded).size == (64, 64)

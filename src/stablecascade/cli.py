@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 from .errors import InputError, StableCascadeError
 from .hub import DECODER_REPO, NANO, PRIOR_REPO
+from .sampling import SAMPLERS
+from .settings import DEFAULTS
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 ENV_PRIOR, ENV_DECODER = "STABLECASCADE_PRIOR", "STABLECASCADE_DECODER"
@@ -59,19 +61,24 @@ def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: b
     g.add_argument("--height", type=int,
                    help=f"image height in pixels, a multiple of 8 {size_help}")
     if prior:
-        g.add_argument("--steps", type=int, default=20, help="Stage C (prior) sampling steps (default 20)")
-        g.add_argument("--guidance", type=float, default=4.0, help="Stage C classifier-free guidance (default 4.0)")
-    g.add_argument("--decoder-steps", type=int, default=10, help="Stage B (decoder) sampling steps (default 10)")
+        g.add_argument("--steps", type=int, default=DEFAULTS.prior_steps,
+                       help=f"Stage C (prior) sampling steps (default {DEFAULTS.prior_steps})")
+        g.add_argument("--guidance", type=float, default=DEFAULTS.prior_guidance,
+                       help=f"Stage C classifier-free guidance (default {DEFAULTS.prior_guidance})")
+    g.add_argument("--decoder-steps", type=int, default=DEFAULTS.decoder_steps,
+                   help=f"Stage B (decoder) sampling steps (default {DEFAULTS.decoder_steps})")
     g.add_argument("--decoder-guidance", type=float,
-                   help="Stage B guidance; values <= 1 switch it off (default: the model's, 0 for the released "
-                        "models)")
-    g.add_argument("--seed", type=int, help="random seed; the same seed gives the same image (default: random, "
+                   help="Stage B guidance; values <= 1 switch it off (default: the model's with the GDF samplers, "
+                        "1.1 for the released models; 0 with --sampler diffusers)")
+    g.add_argument("--seed", type=int, help="random seed; image i of a run gets seed + i, and that seed alone gives "
+                                            "the same image again (default: random, "
                                             "printed and stored in the PNG)")
-    g.add_argument("--num-images", type=int, default=1, help="images to generate per input (default 1)")
-    g.add_argument("--sampling", choices=["official", "diffusers"], default="official",
-                   help="'official': the notebooks' sampler (shift 2, cfg rescale); 'diffusers': reproduce "
-                        "diffusers' StableCascade pipelines exactly (default official)")
-    g.add_argument("--compression", type=float, default=42.67,
+    g.add_argument("--num-images", type=int, default=DEFAULTS.num_images, help="images to generate per input (default 1)")
+    g.add_argument("--sampler", "--sampling", dest="sampling", choices=list(SAMPLERS), default=DEFAULTS.sampler,
+                   help="'official': the notebooks' DDPM sampler (the model's shifts, cfg rescale); 'diffusers': "
+                        "reproduce diffusers' StableCascade pipelines exactly; 'ddim', 'euler', 'euler_a', "
+                        f"'dpmpp_2m': other samplers on the official schedule (default {DEFAULTS.sampler})")
+    g.add_argument("--compression", type=float, default=DEFAULTS.compression,
                    help="image pixels per Stage C latent cell: lower is more detail and slower, ComfyUI users like "
                         "~32 (default 42.67: 1024 px -> 24 cells)")
     if prior:
@@ -171,8 +178,9 @@ def _save(images, args, pipe, started, **extra) -> list:
     for image in images:
         paths.append(save_png(image, _free_path(out, "stablecascade"), _parameters(image, args, pipe, **extra)))
         print(paths[-1])
-    print(f"made {len(images)} image(s) in {time.perf_counter() - started:.1f}s, seed "
-          f"{images[0].info['parameters']['seed']}", file=sys.stderr)
+    seeds = [im.info["parameters"]["seed"] for im in images]
+    print(f"made {len(images)} image(s) in {time.perf_counter() - started:.1f}s, seed{'s' * (len(seeds) > 1)} "
+          f"{', '.join(map(str, seeds))}", file=sys.stderr)
     return paths
 
 

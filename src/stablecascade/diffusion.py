@@ -3,17 +3,12 @@
 Everything is expressed through the log signal-to-noise ratio λ of the cosine schedule: x_t = a·x0 + b·ε with
 a² = sigmoid(λ), b² = sigmoid(-λ), t in [0, 1] (t = 1 is pure noise). `official-spec.md` §4 is the reference.
 
-Two samplers share one loop:
-- "official": GDF's DDPM sampler with the logSNR shift, noise condition r = the unshifted-equivalent t, CFG with
-  the `cfg_rho` std rescale, and the last step's x0 prediction as the result.
-- "diffusers": diffusers' DDPMWuerstchenScheduler exactly (no shift, no rescale, r = t, the last μ as the
-  result, one latent-shaped normal drawn per step including the last).
+The samplers built on these functions are in `sampling`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
 
 import torch
 
@@ -113,50 +108,3 @@ def wuerstchen_step(x, eps, t, t_next, noise):
     mu = (1.0 / alpha).sqrt() * (x - (1 - alpha) * eps / (1 - ab).sqrt())
     std = ((1 - alpha) * (1.0 - ab_next) / (1.0 - ab)).sqrt()
     return mu + std * noise * _bcast((torch.as_tensor(t_next) != 0).float(), x)
-
-
-Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def sample(
-    denoise: Denoiser,
-    x: torch.Tensor,
-    steps: int,
-    *,
-    shift: float = 1.0,
-    t_start: float = 1.0,
-    mode: str = "official",
-    generator: Optional[torch.Generator] = None,
-    callback: Optional[Callable[[int, torch.Tensor], None]] = None,
-) -> torch.Tensor:
-    """Run the reverse process from x at t_start down to 0 in `steps` model calls.
-
-    `denoise(x, r)` returns the (guided) ε prediction for noise condition r (B,). `callback(i, x0)` sees the
-    x0 prediction after every step. Returns the final sample (see the module docstring for the two modes)."""
-    ts = torch.linspace(t_start, 0.0, steps + 1)
-    batch = x.shape[0]
-
-    def randn():
-        return torch.randn(x.shape, generator=generator, device=x.device, dtype=torch.float32).to(x)
-
-    if mode == "official":
-        lams = logsnr(ts, shift)
-        for i in range(steps):
-            lam = lams[i].expand(batch)
-            x0, eps = undiffuse(x, lam, denoise(x, noise_cond(lam)))
-            if callback is not None:
-                callback(i, x0)
-            if i < steps - 1:  # the official sampler returns this x0; its final update is discarded
-                x = ddpm_step(x0, eps, lams[i].to(x), lams[i + 1].to(x), randn())
-        return x0
-    if mode == "diffusers":
-        if shift != 1:
-            raise ValueError("sampling='diffusers' has no shift; use shift=1 or sampling='official'")
-        for i in range(steps):
-            r = ts[i].expand(batch)
-            eps = denoise(x, r)
-            if callback is not None:
-                callback(i, undiffuse(x, torch.log(alpha_bar(r) / (1 - alpha_bar(r))), eps)[0])
-            x = wuerstchen_step(x, eps, ts[i].to(x), ts[i + 1].to(x), randn())
-        return x
-    raise ValueError(f"unknown sampling mode {mode!r}; use 'official' or 'diffusers'")

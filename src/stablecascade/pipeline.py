@@ -21,23 +21,22 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, diffusion, hub
+from . import sampling as sampling_module
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
 from .images import load_image, resize, to_pil
 from .models.controlnet import CONTROLNET
 from .models.lora import LoRAManager, read_lora
+from .sampling import StepCallback, StepEvent
+from .settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 
 log = logging.getLogger(__name__)
 
-COMPRESSION = 42.67  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
+COMPRESSION = DEFAULTS.compression  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
 STAGE_A_FACTOR = 4  # image pixels per Stage B latent cell
 EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
 RELEASED_CLIP_IMG = 768  # embedding width of the released CLIP ViT-L image encoder
-SAMPLING_DEFAULTS = {  # per mode: (Stage C shift, Stage B shift, cfg_rho); official values from the notebooks
-    "official": (2.0, 1.0, 0.7),
-    "diffusers": (1.0, 1.0, 0.0),
-}
 PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
 CONTROLNET_FILES = {  # released ControlNets in the Hub repo; the face identity weights were never released
@@ -72,13 +71,14 @@ class _Run:
     prior_guidance: float
     decoder_steps: int
     decoder_guidance: float
-    seed: Optional[int]
-    generator: torch.Generator
+    seeds: Optional[list]  # one per image, None when the caller gave generators
+    generator: sampling_module.Generators  # CPU: one per image, or one for the whole batch
     sampling: str
     output_type: str
     progress: bool
     compression: float
     preview_callback: Optional[PreviewCallback]
+    step_callback: Optional[StepCallback]
     tiled_decode: Optional[bool]
 
     @property
@@ -90,14 +90,15 @@ class StableCascadePipeline:
     def __init__(self, stage_c, stage_b, stage_a, text_encoder: TextEncoder, *, device="cpu", dtype=torch.float32,
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
                  previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
-                 native_size: int = 1024, official_shifts: tuple[float, float] = SAMPLING_DEFAULTS["official"][:2],
-                 decoder_guidance: float = 0.0):
+                 native_size: int = 1024, official_shifts: tuple[float, float] = RELEASED_SHIFTS,
+                 decoder_guidance: float = RELEASED_DECODER_GUIDANCE):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
         prior was trained at, the default width and height; `official_shifts`: the (Stage C, Stage B) schedule
-        shifts the models were made for, used by the official sampler; `decoder_guidance`: the default Stage B
-        guidance (0, off, for the released models)."""
+        shifts the models were made for, used by the GDF samplers (all but "diffusers"); `decoder_guidance`: the
+        default Stage B guidance of the GDF samplers (1.1 for the released models, as the official notebooks;
+        "diffusers" defaults to 0 as diffusers' pipeline)."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
@@ -189,61 +190,56 @@ class StableCascadePipeline:
             return tuple(t.to(self.device).repeat_interleave(n, 0) for t in self.text_encoder(prompts))
 
     # ------------------------------------------------------------------------------------------- steps
-    def _denoiser(self, model, cond: dict, uncond: Optional[dict], guidance: float, rho: float):
-        """ε(x, r) of a stage: classifier-free guidance batched into one model call (active when > 1), the condition
-        projected once for all steps (`precompute`), and float16 overflow caught: a non-finite prediction is
-        computed again in float32 and the stage stays in float32 for the rest of the run (see `_keeping_dtype`)
-        instead of ending in a black image."""
-        guided = uncond is not None and guidance > 1
-        raw = {k: _concat(cond[k], uncond[k]) for k in cond} if guided else dict(cond)
-        inputs = [model.precompute(raw)]
-
-        def predict(x, r):
-            if guided:
-                x, r = torch.cat([x, x]), torch.cat([r, r])
-            return model(x.to(model.dtype), r.to(model.dtype), **inputs[0]).float()
-
-        def denoise(x, r):
-            pred = predict(x, r)
-            if model.dtype == torch.float16 and not torch.isfinite(pred).all():
-                name = "Stage C" if model is self.stage_c else "Stage B"
-                warnings.warn(f"{name} overflowed in float16 (its prediction has inf/NaN values); finishing its "
-                              "sampling in float32, which needs twice its weight memory. Use dtype=torch.bfloat16 "
-                              "(--dtype bf16) or float32 to avoid this.", RuntimeWarning, stacklevel=2)
+    def _stage(self, stage: str, model, cond: dict, uncond: dict, guidance: float, x, steps: int, shift: float,
+               run: _Run, t_start: float = 1.0) -> torch.Tensor:
+        """Sample one stage. float16 overflow is caught without waiting on the device at each step: a non-finite
+        result (checked once, at the end) makes the stage run again from the same noise in float32 (its step
+        events start again at 1), instead of ending in a black image."""
+        spec = sampling_module.get(run.sampling)
+        name = {"prior": "Stage C", "decoder": "Stage B"}[stage]
+        with self._running(model), _keeping_dtype(model):
+            denoise = sampling_module.GuidedDenoiser(model, cond, uncond, guidance, spec.rho)
+            states = sampling_module.generator_states(run.generator)
+            while True:
+                with tqdm(total=steps, desc=name, disable=not run.progress, leave=False) as bar:
+                    latents = sampling_module.sample(denoise, x, steps, sampler=run.sampling, shift=shift, t_start=t_start,
+                                              generator=run.generator,
+                                              callback=self._on_step(stage, steps, run, bar))
+                if model.dtype != torch.float16 or torch.isfinite(latents).all():
+                    return latents
+                warnings.warn(f"{name} overflowed in float16 (its result has inf/NaN values); sampling it again in "
+                              "float32, which needs twice its weight memory. Use dtype=torch.bfloat16 (--dtype bf16) "
+                              "or float32 to avoid this.", RuntimeWarning, stacklevel=3)
                 model.float()
-                inputs[0] = model.precompute(_cast(raw, torch.float32))
-                pred = predict(x, r)
-            if not guided:
-                return pred
-            pred_cond, pred_uncond = pred.chunk(2)
-            return diffusion.guidance(pred_cond, pred_uncond, guidance, rho)
+                denoise.prepare()
+                sampling_module.restore_generators(run.generator, states)
 
-        return denoise
+    def _on_step(self, stage: str, total: int, run: _Run, bar):
+        previews = run.preview_callback is not None and stage == "prior"
+        previewer = self.previewer if previews else None
 
-    def _sample(self, name, denoise, x, steps, shift, run: _Run, t_start=1.0, on_step=None):
-        with tqdm(total=steps, desc=name, disable=not run.progress, leave=False) as bar:
-            def callback(i, x0):
-                bar.update()
-                if on_step is not None:
-                    on_step(i, x0)
+        def on_step(i, x0):
+            bar.update()
+            if run.step_callback is not None:
+                run.step_callback(StepEvent(stage, i + 1, total, x0))
+            if previews:
+                run.preview_callback(i, previewer(x0.float()).float().clamp(0, 1))
 
-            return diffusion.sample(denoise, x, steps, shift=shift, t_start=t_start, mode=run.sampling,
-                                    generator=run.generator, callback=callback)
+        return on_step
 
-    def _schedule(self, sampling: str) -> tuple[float, float, float]:
-        """(Stage C shift, Stage B shift, cfg_rho) of a sampling mode; "official" uses the models' own shifts."""
-        c_shift, b_shift, rho = SAMPLING_DEFAULTS[sampling]
-        return (*self.official_shifts, rho) if sampling == "official" else (c_shift, b_shift, rho)
+    def _shifts(self, sampler: str) -> tuple[float, float]:
+        """(Stage C, Stage B) schedule shifts: the models' own for the GDF samplers, none for "diffusers"."""
+        return self.official_shifts if sampling_module.get(sampler).model_shifts else (1.0, 1.0)
 
     def _noise(self, shape, run: _Run) -> torch.Tensor:
-        return torch.randn(shape, generator=run.generator, dtype=torch.float32).to(self.device)
+        return sampling_module.randn(shape, run.generator, device=self.device)
 
     def _prior(self, run: _Run, clip_img: Optional[torch.Tensor] = None, init: Optional[torch.Tensor] = None,
                strength: float = 1.0, cnet: Optional[list] = None):
         """Stage C latents (B,16,h,w) and the pooled text of both CFG halves. With `init` (clean latents), start
         from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
         ControlNet's output for one image, given to both CFG halves as in the official code."""
-        shift, _, rho = self._schedule(run.sampling)
+        shift, _ = self._shifts(run.sampling)
         text, pooled = self._text(run.prompts, run.n)
         neg_text, neg_pooled = self._text(run.negatives, run.n)
         no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
@@ -264,30 +260,20 @@ class StableCascadePipeline:
             lam = diffusion.logsnr(torch.tensor(strength), shift).to(self.device)
             x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
             steps = max(1, int(run.prior_steps * strength))
-
-        on_step = None if run.preview_callback is None else self._previews(run.preview_callback)
-
-        with self._running(self.stage_c), _keeping_dtype(self.stage_c):
-            denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
-            latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0),
-                                   on_step=on_step)
+        latents = self._stage("prior", self.stage_c, cond, uncond, run.prior_guidance, x, steps, shift, run,
+                              t_start=min(strength, 1.0))
         return latents, pooled, neg_pooled
-
-    def _previews(self, callback: PreviewCallback):
-        previewer = self.previewer
-        return lambda i, x0: callback(i, previewer(x0.float()).float().clamp(0, 1))
 
     def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
         """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""
-        _, shift, rho = self._schedule(run.sampling)
+        _, shift = self._shifts(run.sampling)
         effnet = latents_c.to(self.device, self.dtype)
         cond = dict(effnet=effnet, clip=pooled)
         uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
         _, (hb, wb) = latent_sizes(run.height, run.width, run.compression)
         x = self._noise((run.batch, self.stage_b.config.c_out, hb, wb), run)
-        with self._running(self.stage_b), _keeping_dtype(self.stage_b):
-            denoise = self._denoiser(self.stage_b, cond, uncond, run.decoder_guidance, rho)
-            latents_b = self._sample("Stage B", denoise, x, run.decoder_steps, shift, run)
+        latents_b = self._stage("decoder", self.stage_b, cond, uncond, run.decoder_guidance, x, run.decoder_steps,
+                                shift, run)
         tiled = run.tiled_decode if run.tiled_decode is not None else run.width * run.height > TILED_DECODE_AREA
         with self._running(self.stage_a):
             latents_b = latents_b.to(self.stage_a_dtype)
@@ -299,11 +285,12 @@ class StableCascadePipeline:
             return images.cpu()
         parameters = dict(mode=mode, width=run.width, height=run.height, prior_steps=run.prior_steps,
                           prior_guidance=run.prior_guidance, decoder_steps=run.decoder_steps,
-                          decoder_guidance=run.decoder_guidance, seed=run.seed, sampling=run.sampling,
+                          decoder_guidance=run.decoder_guidance, sampling=run.sampling,
                           compression=run.compression, **extra)
         pil = to_pil(images)
         for i, im in enumerate(pil):
-            im.info["parameters"] = {**parameters, "prompt": run.prompts[i // run.n],
+            im.info["parameters"] = {**parameters, "seed": run.seeds[i] if run.seeds else None,
+                                     "prompt": run.prompts[i // run.n],
                                      "negative_prompt": run.negatives[i // run.n], "index_in_batch": i}
         return pil
 
@@ -315,24 +302,33 @@ class StableCascadePipeline:
         negative_prompt: Union[str, Sequence[str]] = "",
         width: Optional[int] = None,
         height: Optional[int] = None,
-        num_images_per_prompt: int = 1,
-        prior_steps: int = 20,
-        prior_guidance: float = 4.0,
-        decoder_steps: int = 10,
-        decoder_guidance: Optional[float] = None,
-        seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
-        sampling: str = "official",
+        num_images_per_prompt: int = DEFAULTS.num_images,
+        prior_steps: int = DEFAULTS.prior_steps,
+        prior_guidance: float = DEFAULTS.prior_guidance,
+        decoder_steps: int = DEFAULTS.decoder_steps,
+        decoder_guidance: Optional[float] = DEFAULTS.decoder_guidance,
+        seed: Union[int, Sequence[int], None] = None,
+        generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+        sampling: str = DEFAULTS.sampler,
         output_type: str = "pil",
         progress: bool = True,
         compression: float = COMPRESSION,
         preview_callback: Optional[PreviewCallback] = None,
+        step_callback: Optional[StepCallback] = None,
         tiled_decode: Optional[bool] = None,
     ):
         """Text-to-image. Returns a list of PIL images (each with its parameters in `.info["parameters"]`), or with
         `output_type="pt"` a float tensor in [0, 1] of shape (B,3,H,W). Copies of one prompt are adjacent.
         `width`/`height` default to the model's native size (1024 for the released models, 64 for nano),
-        `decoder_guidance` to the model's (0 for the released models).
+        `decoder_guidance` to the model's (1.1 for the released models) with the GDF samplers, 0 with "diffusers".
+
+        `sampling`: a name of `stablecascade.sampling.SAMPLERS` ("official", "diffusers", "ddim", "euler",
+        "euler_a", "dpmpp_2m"). `seed`: image i of the call is drawn from seed + i alone (its metadata carries
+        that seed, and that seed alone gives the same image), or a list of seeds, one per image; default random.
+        `generator`: instead of a seed, one torch.Generator for the whole batch or one per image (a CUDA one is
+        replaced by a CPU generator with its seed: noise is always drawn on the CPU, so it does not depend on the
+        device). `step_callback(StepEvent)` is called after every sampling step of both stages; raising from it
+        stops the run.
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
         more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
@@ -521,10 +517,12 @@ class StableCascadePipeline:
         return {} if self._loras is None else dict(self._loras.scales)
 
     # --------------------------------------------------------------------------------------- validation
-    def _settings(self, prompt, negative_prompt="", width=None, height=None, num_images_per_prompt=1,
-                  prior_steps=20, prior_guidance=4.0, decoder_steps=10, decoder_guidance=None, seed=None,
-                  generator=None, sampling="official", output_type="pil", progress=True, compression=COMPRESSION,
-                  preview_callback=None, tiled_decode=None) -> _Run:
+    def _settings(self, prompt, negative_prompt="", width=None, height=None,
+                  num_images_per_prompt=DEFAULTS.num_images, prior_steps=DEFAULTS.prior_steps,
+                  prior_guidance=DEFAULTS.prior_guidance, decoder_steps=DEFAULTS.decoder_steps,
+                  decoder_guidance=DEFAULTS.decoder_guidance, seed=None, generator=None, sampling=DEFAULTS.sampler,
+                  output_type="pil", progress=True, compression=COMPRESSION, preview_callback=None,
+                  step_callback=None, tiled_decode=None) -> _Run:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -532,7 +530,10 @@ class StableCascadePipeline:
         if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
             raise InputError(f"negative_prompt must be a string or a list of {len(prompts)} strings "
                              "(one per prompt)")
-        decoder_guidance = self.decoder_guidance if decoder_guidance is None else decoder_guidance
+        if sampling not in sampling_module.SAMPLERS:
+            raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
+        if decoder_guidance is None:
+            decoder_guidance = self.decoder_guidance if sampling_module.get(sampling).model_shifts else 0.0
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):
@@ -550,18 +551,21 @@ class StableCascadePipeline:
         for name, v in (("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)):
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
-        if sampling not in SAMPLING_DEFAULTS:
-            raise InputError(f"sampling must be one of {sorted(SAMPLING_DEFAULTS)}, got {sampling!r}")
         if tiled_decode not in (None, True, False):
             raise InputError(f"tiled_decode must be None (automatic), True or False, got {tiled_decode!r}")
         if output_type not in ("pil", "pt"):
             raise InputError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        if generator is None:
-            seed = secrets.randbelow(2**31) if seed is None else int(seed)
-            generator = torch.Generator().manual_seed(seed)
+        batch = len(prompts) * num_images_per_prompt
+        if generator is not None:
+            if isinstance(generator, (list, tuple)) and len(generator) != batch:
+                raise InputError(f"got {len(generator)} generators for {batch} images; give one, or one per image")
+            seeds, generator = None, sampling_module.cpu_generators(generator)
+        else:
+            seeds = _seeds(seed, batch)
+            generator = sampling_module.seeded(seeds)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
-                    decoder_steps, decoder_guidance, seed, generator, sampling, output_type, progress,
-                    _check_compression(compression), preview_callback, tiled_decode)
+                    decoder_steps, decoder_guidance, seeds, generator, sampling, output_type, progress,
+                    _check_compression(compression), preview_callback, step_callback, tiled_decode)
 
 
 @contextlib.contextmanager
@@ -575,20 +579,20 @@ def _keeping_dtype(model: torch.nn.Module):
             model.to(dtype)
 
 
-def _cast(value, dtype):
-    """Floating tensors (also inside lists) cast to dtype."""
-    if isinstance(value, dict):
-        return {k: _cast(v, dtype) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_cast(v, dtype) for v in value]
-    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
-
-
-def _concat(cond, uncond):
-    """The [cond; uncond] batch of one model input (ControlNet lists element-wise, None kept)."""
-    if isinstance(cond, list):
-        return [None if c is None else torch.cat([c, u]) for c, u in zip(cond, uncond)]
-    return torch.cat([cond, uncond])
+def _seeds(seed, batch: int) -> list:
+    """One seed per image: seed + i (AUTOMATIC1111's and ComfyUI's convention), or the given list."""
+    if seed is None:
+        seed = secrets.randbelow(2**31)
+    if isinstance(seed, (list, tuple)):
+        seeds = list(seed)
+        if len(seeds) != batch:
+            raise InputError(f"got {len(seeds)} seeds for {batch} images; give one seed, or one per image")
+    else:
+        seeds = [seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed for i in range(batch)]
+    for s in seeds:
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
+            raise InputError(f"seeds must be whole numbers from 0 to 2**63 - 1, got {s!r}")
+    return seeds
 
 
 def _check_compression(compression) -> float:

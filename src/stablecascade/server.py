@@ -54,7 +54,7 @@ class QueueFull(StableCascadeError):
 
 
 class _Stop(Exception):
-    """Raised inside the sampling loop (from a forward pre-hook) to stop a cancelled or timed-out job."""
+    """Raised inside the sampling loop (from the step callback) to stop a cancelled or timed-out job."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -291,22 +291,14 @@ class Worker:
         if time.monotonic() > job.deadline:
             raise _Stop("timeout")
 
-    def _hooks(self, job: Job) -> list:
-        """Forward pre-hooks on Stage C and Stage B: one model call per sampling step (guidance is batched), so
-        they count steps and stop a cancelled or timed-out job between steps."""
-        handles = []
-        for stage, name in (("prior", "stage_c"), ("decoder", "stage_b")):
-            module = getattr(self.pipe, name, None)
-            if module is None or not hasattr(module, "register_forward_pre_hook"):
-                continue
+    def _step_callback(self, job: Job):
+        """Called by the pipeline after every sampling step: progress, and a cancelled or timed-out job stops."""
 
-            def hook(_module, _args, stage=stage):
-                self._check(job)
-                step = job.progress.get("step", 0) + 1 if job.progress.get("stage") == stage else 1
-                job._update(progress={"stage": stage, "step": step})
+        def on_step(event):
+            self._check(job)
+            job._update(progress={"stage": event.stage, "step": event.step, "total": event.total})
 
-            handles.append(module.register_forward_pre_hook(hook))
-        return handles
+        return on_step
 
     def _apply_loras(self, wanted: tuple):
         """Make the merged LoRAs exactly `wanted` ((path, scale) pairs); unloading restores the base weights."""
@@ -346,15 +338,13 @@ class Worker:
                         error={"type": "timeout", "message": f"timed out after {job.timeout:g} s in the queue"})
             return
         job._update(status="running", started=time.time())
-        handles = []
         try:
             if job.loras or self._loras:
                 self._apply_loras(job.loras)
-            kwargs = dict(job.kwargs, progress=False)
+            kwargs = dict(job.kwargs, progress=False, step_callback=self._step_callback(job))
             callback = self._preview_callback(job)
             if callback is not None:
                 kwargs["preview_callback"] = callback
-            handles = self._hooks(job)
             control = []
             if job.mode == "txt2img":
                 images = self.pipe(**kwargs)
@@ -382,9 +372,6 @@ class Worker:
             job._update(status="failed", finished=time.time(),
                         error={"type": "internal", "message": f"{type(e).__name__}: {e}"})
             return
-        finally:
-            for handle in handles:
-                handle.remove()
         lora_info = [{"path": Path(p).name, "scale": s} for p, s in job.loras]
         parameters = []
         for image in images:
@@ -444,6 +431,9 @@ def schemas():
 
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+    from .sampling import SAMPLERS
+    from .settings import DEFAULTS
+
     class LoraRef(BaseModel):
         model_config = ConfigDict(extra="forbid")
         name: str = Field(..., min_length=1, max_length=255, description="file name in the server's --lora-dir")
@@ -458,15 +448,17 @@ def schemas():
                                 description="output width in pixels, a multiple of 8 (default: the model's native "
                                             "size, 1024 for the released models, or from the input image)")
         height: Opt[int] = Field(None, ge=8, le=8192, multiple_of=8, description="output height, like width")
-        num_images_per_prompt: int = Field(1, ge=1, le=8)
-        prior_steps: int = Field(20, ge=1, le=200, description="Stage C sampling steps")
-        prior_guidance: float = Field(4.0, ge=0, le=50, description="Stage C classifier-free guidance")
-        decoder_steps: int = Field(10, ge=1, le=200, description="Stage B sampling steps")
+        num_images_per_prompt: int = Field(DEFAULTS.num_images, ge=1, le=8)
+        prior_steps: int = Field(DEFAULTS.prior_steps, ge=1, le=200, description="Stage C sampling steps")
+        prior_guidance: float = Field(DEFAULTS.prior_guidance, ge=0, le=50,
+                                      description="Stage C classifier-free guidance")
+        decoder_steps: int = Field(DEFAULTS.decoder_steps, ge=1, le=200, description="Stage B sampling steps")
         decoder_guidance: Opt[float] = Field(None, ge=0, le=50, description="Stage B guidance; <= 1 switches it "
-                                             "off (default: the model's, 0 for the released models)")
+                                             "off (default: the model's with the GDF samplers, 1.1 for the "
+                                             "released models; 0 with 'diffusers')")
         seed: Opt[int] = Field(None, ge=0, le=2**63 - 1, description="random seed (default: random, returned)")
-        sampling: Literal["official", "diffusers"] = "official"
-        compression: float = Field(42.67, ge=8, le=128, description="image pixels per Stage C latent cell")
+        sampling: Literal[tuple(SAMPLERS)] = Field(DEFAULTS.sampler, description="the sampler")
+        compression: float = Field(DEFAULTS.compression, ge=8, le=128, description="image pixels per Stage C latent cell")
         previews: bool = Field(False, description="keep a live Stage C preview at /v1/jobs/{id}/preview.png")
         timeout: Opt[float] = Field(None, gt=0, description="seconds from submission before the job is stopped "
                                                             "(default and maximum set by the server)")

@@ -22,11 +22,13 @@ from typing import Callable, Optional
 
 from .errors import InputError
 from .server import QueueFull, Worker, model_parameters
+from .settings import DEFAULTS as SETTINGS
 
 MAX_SEED = 2**31 - 1
-DEFAULTS = {  # the official app's (official-spec.md §5.7), decoder guidance unlocked
-    "num_images": 2, "prior_steps": 20, "prior_guidance": 4.0, "decoder_steps": 10,
-    "seed": 0, "randomize_seed": True, "sampling": "official", "compression": 42.67,
+DEFAULTS = {  # the official app's (official-spec.md §5.7), decoder guidance unlocked; the rest from settings
+    "num_images": 2, "prior_steps": SETTINGS.prior_steps, "prior_guidance": SETTINGS.prior_guidance,
+    "decoder_steps": SETTINGS.decoder_steps, "seed": 0, "randomize_seed": True, "sampling": SETTINGS.sampler,
+    "compression": SETTINGS.compression,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
 EXAMPLES = [
@@ -92,6 +94,8 @@ class WebUI:
 
     # ----------------------------------------------------------------------------------------- layout
     def _advanced(self, gr, tab: str, size_from_input: bool = False) -> dict:
+        from .sampling import SAMPLERS
+
         d, pipe = self.defaults, self.worker.pipe
         lo = max(8, -(-int(pipe.min_size) // 8) * 8)
         step = 64 if lo % 64 == 0 else 8
@@ -122,7 +126,7 @@ class WebUI:
             with gr.Row():
                 c["compression"] = gr.Slider(16, 64, value=d["compression"], step=0.01,
                                              label="Compression (lower: more detail, slower)")
-                c["sampling"] = gr.Radio(["official", "diffusers"], value=d["sampling"], label="Sampler")
+                c["sampling"] = gr.Radio(list(SAMPLERS), value=d["sampling"], label="Sampler")
             c["previews"] = gr.Checkbox(label="Live previews (Stage C)", value=d["previews"])
         return c
 
@@ -295,8 +299,8 @@ class WebUI:
         stage = job.progress.get("stage")
         if stage is None:
             return "Encoding the prompt…"
-        step = job.progress.get("step", 0)
-        of = f" / {total[stage]}" if total.get(stage) else ""
+        step, steps = job.progress.get("step", 0), job.progress.get("total") or total.get(stage)
+        of = f" / {steps}" if steps else ""
         return f"{STAGE_NAMES[stage]} step {step}{of}…"
 
     def _generate(self, build, values: dict, history: list, seed_box, request):

@@ -1,0 +1,279 @@
+"""The sampling core shared by the pipeline and the trainer: noise, the guided denoiser, the samplers, step events.
+
+Device rules (what lets the same seed give the same image on any device, and the loop run without host syncs):
+- every random draw comes from a CPU generator and is then moved to the latents' device; a generator of another
+  device is replaced by a CPU one seeded with its seed;
+- the noise schedule is computed once on the CPU and moved once; the noise condition r stays float32 on the
+  model's device (the network embeds it in float32);
+- no step reads a value back to the host: per-step Python branches depend on the step index only.
+
+All samplers work in the GDF parameterisation of `diffusion`: x_t = a·x0 + b·ε with λ = log(a²/b²). The k-style
+samplers (Euler, Euler ancestral, DPM++ 2M) integrate in σ = b/a with x/a as the state, which is the form
+k-diffusion uses; their last step goes to σ = 0, so `steps` model calls give the final x0 as the official sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from . import diffusion
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What `step_callback` receives after each sampling step; raising from the callback stops the run."""
+
+    stage: str  # "prior" (Stage C) or "decoder" (Stage B)
+    step: int  # steps done, 1-based
+    total: int  # steps of this stage in this run
+    x0: torch.Tensor  # the current clean-latent estimate (B,C,h,w), on the pipeline's device
+
+
+StepCallback = Callable[[StepEvent], None]
+
+
+# ------------------------------------------------------------------------------------------------------- noise
+def cpu_generator(generator: Optional[torch.Generator]) -> Optional[torch.Generator]:
+    """`generator` itself if it is a CPU one; else a CPU generator seeded with its seed, so a CUDA generator
+    seeded with s draws exactly what `torch.Generator().manual_seed(s)` draws."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(generator.initial_seed())
+
+
+def cpu_generators(generator: Generators) -> Generators:
+    if isinstance(generator, (list, tuple)):
+        return [cpu_generator(g) for g in generator]
+    return cpu_generator(generator)
+
+
+def seeded(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def randn(shape, generator: Generators = None, *, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise drawn in float32 on the CPU, then moved. With one generator per image (a list), row i
+    comes from generator i alone, so an image's noise does not depend on its batch mates."""
+    shape = tuple(shape)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per image")
+        noise = torch.stack([torch.randn(shape[1:], generator=cpu_generator(g)) for g in generator])
+    else:
+        noise = torch.randn(shape, generator=cpu_generator(generator))
+    return noise.to(device=device, dtype=dtype)
+
+
+def generator_states(generator: Generators):
+    """A snapshot to rewind the generators with `restore_generators` (used to rerun a stage)."""
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    return [None if g is None else g.get_state() for g in gens]
+
+
+def restore_generators(generator: Generators, states) -> None:
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    for g, state in zip(gens, states):
+        if g is not None:
+            g.set_state(state)
+
+
+# ------------------------------------------------------------------------------------------- guided denoiser
+def _cast(value, dtype):
+    """Floating tensors (also inside lists) cast to dtype."""
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
+def _concat(cond, uncond):
+    """The [cond; uncond] batch of one model input (ControlNet lists element-wise, None kept)."""
+    if isinstance(cond, list):
+        return [None if c is None else torch.cat([c, u]) for c, u in zip(cond, uncond)]
+    return torch.cat([cond, uncond])
+
+
+class GuidedDenoiser:
+    """A stage's prediction for (x, r), with classifier-free guidance (active when scale > 1) batched into one
+    model call and GDF's `cfg_rho` rescale. Returns the model's raw prediction (ε or v); `sample` converts it.
+
+    `precompute` projects the condition once for all steps (the model's `precompute`); call `prepare()` again
+    after changing the model's dtype. `context` wraps each model call (the trainer's autocast)."""
+
+    def __init__(self, model, cond: dict, uncond: Optional[dict] = None, scale: float = 1.0, rho: float = 0.0, *,
+                 precompute: bool = True, context: Callable[[], contextlib.AbstractContextManager] = None):
+        self.model, self.scale, self.rho = model, scale, rho
+        self.guided = uncond is not None and scale > 1
+        self.raw = {k: _concat(cond[k], uncond[k]) for k in cond} if self.guided else dict(cond)
+        self.use_precompute, self.context = precompute, context or contextlib.nullcontext
+        self.prepare()
+
+    def prepare(self) -> None:
+        dtype = next(self.model.parameters()).dtype
+        raw = _cast(self.raw, dtype)
+        self.inputs = self.model.precompute(raw) if self.use_precompute else raw
+
+    def __call__(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if self.guided:
+            x, r = torch.cat([x, x]), torch.cat([r, r])
+        dtype = next(self.model.parameters()).dtype
+        with self.context():
+            pred = self.model(x.to(dtype), r, **self.inputs).float()
+        if not self.guided:
+            return pred
+        pred_cond, pred_uncond = pred.chunk(2)
+        return diffusion.guidance(pred_cond, pred_uncond, self.scale, self.rho)
+
+
+# ----------------------------------------------------------------------------------------------- samplers
+@dataclass(frozen=True)
+class Sampler:
+    """A registry entry. `run(denoise, x, lams, ts, steps, target, noise, callback)` returns the sample.
+    `model_shifts`: sample on the models' own schedule shifts (else shift 1); `rho`: the CFG std rescale."""
+
+    name: str
+    label: str  # the name AUTOMATIC1111/ComfyUI users know
+    run: Callable
+    model_shifts: bool = True
+    rho: float = 0.7
+    stochastic: bool = False  # draws noise at each step
+
+
+def _official(denoise, x, lams, ts, steps, target, noise, callback):
+    """GDF's DDPM sampler; the result is the last step's x0 prediction (its final update is discarded)."""
+    batch = x.shape[0]
+    for i in range(steps):
+        lam = lams[i].expand(batch)
+        x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
+        callback(i, x0)
+        if i < steps - 1:
+            x = diffusion.ddpm_step(x0, eps, lams[i].to(x), lams[i + 1].to(x), noise())
+    return x0
+
+
+def _ddim(denoise, x, lams, ts, steps, target, noise, callback):
+    """DDIM (η = 0) on the same schedule: deterministic, the result is the last x0. In σ = b/a this update is
+    exactly an Euler step, so "ddim" and "euler" agree (DDIM is kept under the name users look for)."""
+    batch = x.shape[0]
+    for i in range(steps):
+        lam = lams[i].expand(batch)
+        x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
+        callback(i, x0)
+        if i < steps - 1:
+            a_next, b_next = diffusion.scales(lams[i + 1].to(x))
+            x = a_next * x0 + b_next * eps
+    return x0
+
+
+def _diffusers(denoise, x, lams, ts, steps, target, noise, callback):
+    """diffusers' DDPMWuerstchenScheduler: r = t, no shift, the last μ as the result, one normal per step."""
+    batch = x.shape[0]
+    for i in range(steps):
+        r = ts[i].expand(batch)
+        pred = denoise(x, r)
+        lam = diffusion.logsnr(r)
+        x0, eps = diffusion.undiffuse(x, lam, pred, target)
+        if target == "eps":
+            eps = pred
+        callback(i, x0)
+        x = diffusion.wuerstchen_step(x, eps, ts[i].to(x), ts[i + 1].to(x), noise())
+    return x
+
+
+def _sigma_loop(update):
+    """A k-style sampler: state x/a, noise level σ = b/a ending at 0 after `steps` model calls."""
+
+    def run(denoise, x, lams, ts, steps, target, noise, callback):
+        batch = x.shape[0]
+        sigmas = torch.cat([torch.exp(-lams[:steps] / 2), lams.new_zeros(1)])
+        a0, _ = diffusion.scales(lams[0])
+        state, memory = x / a0, {}
+        for i in range(steps):
+            lam = lams[i].expand(batch)
+            a, _ = diffusion.scales(lams[i])
+            x_vp = state * a
+            x0, _ = diffusion.undiffuse(x_vp, lam, denoise(x_vp, diffusion.noise_cond(lam)), target)
+            callback(i, x0)
+            state = update(i, steps, state, x0, sigmas, lams, noise, memory)
+        return state
+
+    return run
+
+
+def _euler(i, steps, x, x0, sigmas, lams, noise, memory):
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    return x + (x - x0) / sigma * (sigma_next - sigma)
+
+
+def _euler_ancestral(i, steps, x, x0, sigmas, lams, noise, memory):
+    """Step down to σ_down deterministically, then add fresh noise of std σ_up (σ_down² + σ_up² = σ_next²)."""
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    sigma_up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
+    sigma_down = (sigma_next**2 - sigma_up**2).sqrt()
+    x = x + (x - x0) / sigma * (sigma_down - sigma)
+    if i < steps - 1:  # the last step lands on σ = 0: no noise
+        x = x + noise() * sigma_up
+    return x
+
+
+def _dpmpp_2m(i, steps, x, x0, sigmas, lams, noise, memory):
+    """DPM-Solver++(2M): exponential integrator in log σ, with a second-order correction from the previous x0."""
+    previous = memory.get("x0")
+    memory["x0"] = x0
+    if i == steps - 1:  # to σ = 0 the update is x0 itself
+        return x0
+    half_lam, half_lam_next = lams[i] / 2, lams[i + 1] / 2  # -log σ
+    h = half_lam_next - half_lam
+    if previous is not None:
+        ratio = (half_lam - lams[i - 1] / 2) / h
+        x0 = (1 + 1 / (2 * ratio)) * x0 - previous / (2 * ratio)
+    return sigmas[i + 1] / sigmas[i] * x - torch.expm1(-h) * x0
+
+
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("official", "DDPM (official)", _official, stochastic=True),
+    Sampler("diffusers", "DDPM (diffusers)", _diffusers, model_shifts=False, rho=0.0, stochastic=True),
+    Sampler("ddim", "DDIM", _ddim),
+    Sampler("euler", "Euler", _sigma_loop(_euler)),
+    Sampler("euler_a", "Euler a", _sigma_loop(_euler_ancestral), stochastic=True),
+    Sampler("dpmpp_2m", "DPM++ 2M", _sigma_loop(_dpmpp_2m)),
+)}
+
+
+def get(name: str) -> Sampler:
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
+
+
+def sample(denoise: Denoiser, x: torch.Tensor, steps: int, *, sampler: str = "official", shift: float = 1.0,
+           t_start: float = 1.0, target: str = "eps", generator: Generators = None,
+           callback: Optional[Callback] = None) -> torch.Tensor:
+    """Run the reverse process from x (noised to t_start) down to 0 in `steps` model calls.
+
+    `denoise(x, r)` returns the model's (guided) prediction of kind `target` ("eps" or "v") for the noise
+    condition r (B,) (float32, on x's device). `callback(i, x0)` sees the x0 estimate after step i (0-based).
+    `generator`: one CPU generator, or one per image (see `randn`)."""
+    spec = get(sampler)
+    if not spec.model_shifts and shift != 1:
+        raise ValueError(f"sampler {sampler!r} has no shift; use shift=1")
+    if target not in ("eps", "v"):
+        raise ValueError(f"unknown target {target!r}; use 'eps' or 'v'")
+    ts = torch.linspace(t_start, 0.0, steps + 1)
+    lams = diffusion.logsnr(ts, shift).to(x.device)
+    generator = cpu_generators(generator)
+
+    def noise():
+        return randn(x.shape, generator, device=x.device).to(x)
+
+    return spec.run(denoise, x, lams, ts.to(x.device), steps, target, noise, callback or (lambda i, x0: None))
