@@ -89,14 +89,14 @@ def _samples(out: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------------ formats
 def test_prompt_files_in_three_formats(tmp_path):
-    types = cli.build_parser().parse_args(["batch", "p.txt"]).row_types
+    types = cli.build_parser().parse_args(["batch", "p.txt"]).row_options
     rows = batch.read_rows(_txt(tmp_path, ["  first prompt ", "", "second, with a comma"]), types)
     assert [(r.index, r.prompt, r.options) for r in rows] == [(0, "first prompt", {}),
                                                               (1, "second, with a comma", {})]
 
     jsonl = tmp_path / "p.jsonl"
     jsonl.write_text('{"prompt": "a", "seed": 7, "width": 128, "negative": "blurry", "guidance": 2.5}\n\n'
-                     '{"prompt": "b", "sampling": "diffusers", "lora_scale": 0.5}\n{"prompt": "c", "sede": 1}\n'
+                     '{"prompt": "b", "sampler": "diffusers", "lora_scale": 0.5}\n{"prompt": "c", "sede": 1}\n'
                      '{"prompt": "d", "width": "wide"}\nnot json\n["a list"]\n{"seed": 3}\n')
     rows = batch.read_rows(jsonl, types)
     assert rows[0].options == {"seed": 7, "width": 128, "negative": "blurry", "guidance": 2.5}
@@ -126,7 +126,7 @@ def test_groups_and_seeds_depend_only_on_the_rows(tmp_path):
         {"prompt": "a"}, {"prompt": "b", "width": 128}, {"prompt": "c", "seed": 100}, {"prompt": "d", "width": 128},
         {"prompt": "e", "negative": "x"}, {"prompt": "f", "lora_scale": 0.5}]))
     args = parser.parse_args(["batch", str(jsonl), "--seed", "10", "--num-images", "2", "--batch-size", "2"])
-    groups = batch.plan(batch.read_rows(jsonl, args.row_types), args, cli._options, 2)
+    groups = batch.plan(batch.read_rows(jsonl, args.row_options), args, cli._options, 2)
     assert [[r.prompt for r in g.rows] for g in groups] == [["a", "c"], ["b", "d"], ["e"], ["f"]]
     assert [r.seed for g in groups for r in g.rows] == [10, 100, 12, 16, 18, 20]  # own, else base + row x images
     assert groups[1].settings["width"] == 128 and groups[3].lora_scale == 0.5

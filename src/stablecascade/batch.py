@@ -5,7 +5,7 @@
 
 PROMPTS is a text file (one prompt per line), JSONL (objects with a "prompt" and any row option) or CSV (a header
 with a "prompt" column and option columns). Row options: negative, seed, width, height, steps, guidance,
-decoder_steps, decoder_guidance, sampling, compression (generate's options, which are the defaults of every row) and
+decoder_steps, decoder_guidance, sampler, compression (generate's options, which are the defaults of every row) and
 lora_scale (the scale of every loaded --lora for that row).
 
 Image j of row i gets the row's own seed + j, else --seed + i x --num-images + j, so what a row makes depends on
@@ -38,7 +38,7 @@ from typing import Callable, Optional
 from .errors import InputError
 
 ROW_OPTIONS = ("negative", "seed", "width", "height", "steps", "guidance", "decoder_steps", "decoder_guidance",
-               "sampling", "compression")  # generate's option names (argparse dests) a row may set
+               "sampling", "compression")  # the argparse dests of generate's options a row may set
 LORA_SCALE = "lora_scale"
 MANIFEST, ERRORS = "manifest.jsonl", "errors.jsonl"
 PARTS = ".parts"  # per-rank error logs and progress counters until rank 0 merges them at the end
@@ -57,8 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="'png': one PNG per image (metadata in the file) + manifest.jsonl; 'webdataset': .tar shards "
                         "of (png, json, txt) samples, the txt being the prompt, for training (default png)")
     g.add_argument("--shard-size", type=int, default=1000, help="images per webdataset shard (default 1000)")
-    types = {a.dest: a.type or str for a in parser._actions if a.dest in ROW_OPTIONS}
-    parser.set_defaults(row_types={**types, LORA_SCALE: float}, seed=0)
+    row_options = {a.option_strings[0].lstrip("-").replace("-", "_"): (a.dest, a.type or str)
+                   for a in parser._actions if a.dest in ROW_OPTIONS}  # named as on the command line
+    parser.set_defaults(row_options={**row_options, LORA_SCALE: (LORA_SCALE, float)}, seed=0)
     for action in parser._actions:
         if action.dest == "seed":  # a fixed base seed: a rerun must make the same images
             action.help = "base seed: image j of row i gets SEED + i x --num-images + j unless the row sets its " \
@@ -70,14 +71,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 class Row:
     index: int
     prompt: str = ""
-    options: dict = field(default_factory=dict)  # row option name -> value
+    options: dict = field(default_factory=dict)  # argparse dest (or lora_scale) -> value
     error: Optional[str] = None  # why the row cannot run (a parse problem)
     negative: str = ""  # set by `plan`, with the command's defaults applied
     seed: int = 0
 
 
 def read_rows(path: Path, types: dict) -> list:
-    """The rows of a prompt file, numbered from 0; unreadable rows carry their error."""
+    """The rows of a prompt file, numbered from 0; unreadable rows carry their error. `types`: row option name ->
+    (argparse dest, type)."""
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -131,7 +133,8 @@ def _row(index: int, record, types: dict) -> Row:
                 near = difflib.get_close_matches(key, list(types), 1)
                 raise InputError(f"unknown option {key!r}" + (f" (did you mean {near[0]!r}?)" if near else "") +
                                  f"; {_allowed(types)}")
-        options = {k: _value(k, v, types[k]) for k, v in record.items() if k != "prompt" and v not in (None, "")}
+        options = {types[k][0]: _value(k, v, types[k][1]) for k, v in record.items()
+                   if k != "prompt" and v not in (None, "")}
     except InputError as e:
         return Row(index, error=str(e))
     return Row(index, prompt, options)
@@ -386,7 +389,7 @@ def run(args: argparse.Namespace, load: Callable, options: Callable, parameters:
     for name in ("batch_size", "shard_size", "num_images"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
-    rows = read_rows(args.prompts, args.row_types)
+    rows = read_rows(args.prompts, args.row_options)
     groups = plan(rows, args, options, args.batch_size)
     out, n = Path(args.out), args.num_images
     dist = Dist()
