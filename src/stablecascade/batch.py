@@ -31,6 +31,7 @@ import signal
 import sys
 import tarfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -207,9 +208,11 @@ def _generate(pipe, group: Group, n: int, base_scales: dict) -> list:
             finite[event.stage] = torch.isfinite(event.x0).flatten(1).all(1)
 
     rows = group.rows
-    images = pipe([r.prompt for r in rows], negative_prompt=[r.negative for r in rows],
-                  seed=[r.seed + j for r in rows for j in range(n)], progress=False, step_callback=watch,
-                  **group.settings)
+    with warnings.catch_warnings():  # a NaN image's conversion warns; its row goes to errors.jsonl instead
+        warnings.filterwarnings("ignore", "invalid value encountered in cast", RuntimeWarning)
+        images = pipe([r.prompt for r in rows], negative_prompt=[r.negative for r in rows],
+                      seed=[r.seed + j for r in rows for j in range(n)], progress=False, step_callback=watch,
+                      **group.settings)
     ok = torch.stack([f.cpu() for f in finite.values()]).all(0).tolist()
     out = []
     for k in range(len(rows)):
