@@ -25,6 +25,8 @@ from . import sampling as sampling_module
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError
+from .geometry import (COMPRESSION, EFFNET_FACTOR, STAGE_A_FACTOR, check_compression as _check_compression,
+                       default_size, latent_sizes, round8)
 from .images import load_image, resize, to_pil
 from .models.controlnet import CONTROLNET
 from .models.lora import LoRAManager, read_lora
@@ -33,9 +35,6 @@ from .settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 
 log = logging.getLogger(__name__)
 
-COMPRESSION = DEFAULTS.compression  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
-STAGE_A_FACTOR = 4  # image pixels per Stage B latent cell
-EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
 RELEASED_CLIP_IMG = 768  # embedding width of the released CLIP ViT-L image encoder
 PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
@@ -50,12 +49,6 @@ NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by script
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 PreviewCallback = Callable[[int, torch.Tensor], None]
-
-
-def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(Stage C latent h, w), (Stage B latent h, w) for an output size (`official-spec.md` §5)."""
-    return ((math.ceil(height / compression), math.ceil(width / compression)),
-            (height // STAGE_A_FACTOR, width // STAGE_A_FACTOR))
 
 
 @dataclass
@@ -593,25 +586,6 @@ def _seeds(seed, batch: int) -> list:
         if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
             raise InputError(f"seeds must be whole numbers from 0 to 2**63 - 1, got {s!r}")
     return seeds
-
-
-def _check_compression(compression) -> float:
-    if not isinstance(compression, (int, float)) or not 8 <= compression <= 128:
-        raise InputError(f"compression must be a number between 8 and 128 (default {COMPRESSION}), got {compression!r}")
-    return float(compression)
-
-
-def round8(v: float) -> int:
-    """The nearest multiple of 8 (at least 8)."""
-    return max(8, int(round(v / 8)) * 8)
-
-
-def default_size(width: int, height: int, max_area: int = 1024 * 1024) -> tuple[int, int]:
-    """An input image's size, scaled down to at most `max_area` pixels, in multiples of 8."""
-    scale = min(1.0, math.sqrt(max_area / (width * height)))
-    if scale == 1.0:
-        return round8(width), round8(height)
-    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)  # floor keeps the area cap
 
 
 # ---------------------------------------------------------------------------------------------- loading
