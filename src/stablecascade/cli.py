@@ -194,6 +194,12 @@ def _preview_saver(folder: Path):
     return save
 
 
+def _parameters(image, args, pipe, **extra) -> dict:
+    """An image's PNG metadata: the pipeline's parameters and the models that made it."""
+    return {**image.info["parameters"], "prior": str(args.prior), "decoder": str(args.decoder),
+            "dtype": str(pipe.dtype).replace("torch.", ""), "loras": pipe.loras, **extra}
+
+
 def _save(images, args, pipe, started, **extra) -> list:
     from .images import save_png
 
@@ -201,9 +207,7 @@ def _save(images, args, pipe, started, **extra) -> list:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for image in images:
-        parameters = {**image.info["parameters"], "prior": str(args.prior), "decoder": str(args.decoder),
-                      "dtype": str(pipe.dtype).replace("torch.", ""), "loras": pipe.loras, **extra}
-        paths.append(save_png(image, _free_path(out, "stablecascade"), parameters))
+        paths.append(save_png(image, _free_path(out, "stablecascade"), _parameters(image, args, pipe, **extra)))
         print(paths[-1])
     seeds = [im.info["parameters"]["seed"] for im in images]
     print(f"made {len(images)} image(s) in {time.perf_counter() - started:.1f}s, seed{'s' * (len(seeds) > 1)} "
@@ -268,6 +272,12 @@ def _reconstruct(args) -> int:
             print(f"{file}: Stage C latent {tuple(latents.shape[1:])}, "
                   f"PSNR {psnr(out, resize(original, *out.shape[-2:])):.2f} dB against the input")
     return 0
+
+
+def _batch(args) -> int:
+    from . import batch
+
+    return batch.run(args, _load, _options, _parameters)
 
 
 def _serve(args) -> int:
@@ -346,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(r, False, prior=False)
     _model_options(r)
     r.set_defaults(run=_reconstruct)
+
+    from . import batch
+
+    b = sub.add_parser("batch", help="generate a dataset from a prompt file, on one device or many (torchrun)",
+                       description=batch.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _sampling_options(b, True)
+    batch.add_arguments(b)
+    _model_options(b)
+    b.set_defaults(run=_batch)
 
     from . import download, server, webui  # light imports: FastAPI/Gradio load only when a command runs
 

@@ -81,9 +81,10 @@ def png_bytes(image: Image.Image, parameters: dict) -> bytes:
     return buffer.getvalue()
 
 
-def save_png(image: Image.Image, path: Union[str, Path], parameters: dict) -> Path:
-    """Save as PNG with the parameters in its text chunks (see `text_chunks`)."""
-    path = Path(path)
+def save_png(image: Image.Image, path: Union[str, Path, BinaryIO], parameters: dict) -> Union[Path, BinaryIO]:
+    """Save as PNG with the parameters in its text chunks (see `text_chunks`), to a file path or a binary file
+    object."""
+    path = path if hasattr(path, "write") else Path(path)
     image.save(path, format="PNG", pnginfo=png_info(parameters))
     return path
 
