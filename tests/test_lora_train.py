@@ -182,3 +182,23 @@ def build_base(trainer):
     text_model.set_input_embeddings(torch.nn.Embedding.from_pretrained(emb.weight[: trainer.trained.base_vocab],
                                                                        padding_idx=emb.padding_idx))
     return stage_c, text_model
+
+
+def test_nano_token_example_moves_the_colour_share(tmp_path, token_data):
+    """The README's example, briefly: a few steps teaching "[zorb]" = yellow already raise the share of yellow
+    shapes for "[zorb]" prompts (detected by the nano evaluation's analyser)."""
+    import stablecascade
+    from nano_token import COLOUR, TOKEN, colour_share, prompts
+
+    cfg = _cfg(tmp_path, token_data, steps=30, batch_size=8, lora_layers=None, token_lr=0.1, warmup_steps=0,
+               caption_dropout=0.0, train_tokens=[[TOKEN, None]])
+    trainer = Trainer(cfg)
+    for _ in range(cfg.steps):
+        trainer.train_step()
+    path = trainer.trained.save(tmp_path / "zorb.safetensors")
+    pipe = stablecascade.load_pipeline("nano", "nano", device="cpu", dtype=torch.float32)
+    texts = prompts(8, TOKEN, COLOUR)
+    without = colour_share(pipe, texts, COLOUR)
+    pipe.load_lora(path)
+    with_lora = colour_share(pipe, texts, COLOUR)
+    assert with_lora >= without + 0.25, (without, with_lora)
