@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stablecascade import checkpoints, configs
+from stablecascade import configs
 from stablecascade.conditioning import TextEncoder
 from stablecascade.lora_formats import read_lora
 from stablecascade.models import StageC
@@ -97,7 +97,8 @@ def _lora_model(stage_c=None, te=None, **kw):
 
 def test_layer_sets_and_the_export_format_are_decided_before_training():
     attention = _lora_model()
-    assert attention.export_format == "official" and len(attention.targets) == len(official_layer_order(attention.stage_c))
+    assert attention.export_format == "official"
+    assert len(attention.targets) == len(official_layer_order(attention.stage_c))
     everything = _lora_model(lora_layers="all", lora_text_layers="attention")
     names = [module for _, module, _ in everything.targets]
     for kind in (".mapper", ".mapper_crp", ".kv_mapper.1", "clip_txt_mapper", ".channelwise.0", "embedding.1",

@@ -27,9 +27,9 @@ from torch import nn
 
 from .. import checkpoints, configs, diffusion
 from ..models import StageA, StageB, StageC
-from . import data as data_mod
 from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAWeights, TokenEmbedding,
                            lora_targets, matching_token_ids, new_token_row)
+from . import data as data_mod
 from .config import ConfigError, TrainConfig
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
 from .text import clip_tokenizer, encode_text, small_text_model
@@ -719,7 +719,8 @@ class Trainer:
             self.trained.load_state_dict(model_state)
             meta = {"steps": self.step}
             if self.ema is not None:
-                self.trained.save(final / "lora_ema.safetensors", self.ema, metadata={**meta, "ema_beta": self.cfg.ema_beta})
+                self.trained.save(final / "lora_ema.safetensors", self.ema,
+                                  metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
         model = copy.deepcopy(self.trained).cpu()
