@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stablecascade import checkpoints, configs
+from stablecascade import configs
 from stablecascade.conditioning import TextEncoder
 from stablecascade.lora_formats import read_lora
 from stablecascade.models import StageC
@@ -97,7 +97,8 @@ def _lora_model(stage_c=None, te=None, **kw):
 
 def test_layer_sets_and_the_export_format_are_decided_before_training():
     attention = _lora_model()
-    assert attention.export_format == "official" and len(attention.targets) == len(official_layer_order(attention.stage_c))
+    assert attention.export_format == "official"
+    assert len(attention.targets) == len(official_layer_order(attention.stage_c))
     everything = _lora_model(lora_layers="all", lora_text_layers="attention")
     names = [module for _, module, _ in everything.targets]
     for kind in (".mapper", ".mapper_crp", ".kv_mapper.1", "clip_txt_mapper", ".channelwise.0", "embedding.1",
@@ -182,3 +183,23 @@ def build_base(trainer):
     text_model.set_input_embeddings(torch.nn.Embedding.from_pretrained(emb.weight[: trainer.trained.base_vocab],
                                                                        padding_idx=emb.padding_idx))
     return stage_c, text_model
+
+
+def test_nano_token_example_moves_the_colour_share(tmp_path, token_data):
+    """The README's example, briefly: a few steps teaching "[zorb]" = yellow already raise the share of yellow
+    shapes for "[zorb]" prompts (detected by the nano evaluation's analyser)."""
+    import stablecascade
+    from nano_token import COLOUR, TOKEN, colour_share, prompts
+
+    cfg = _cfg(tmp_path, token_data, steps=30, batch_size=8, lora_layers=None, token_lr=0.1, warmup_steps=0,
+               caption_dropout=0.0, train_tokens=[[TOKEN, None]])
+    trainer = Trainer(cfg)
+    for _ in range(cfg.steps):
+        trainer.train_step()
+    path = trainer.trained.save(tmp_path / "zorb.safetensors")
+    pipe = stablecascade.load_pipeline("nano", "nano", device="cpu", dtype=torch.float32)
+    texts = prompts(8, TOKEN, COLOUR)
+    without = colour_share(pipe, texts, COLOUR)
+    pipe.load_lora(path)
+    with_lora = colour_share(pipe, texts, COLOUR)
+    assert with_lora >= without + 0.25, (without, with_lora)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -51,8 +51,8 @@ def load_text_encoder(model_path: Union[str, Path], tokenizer_path: Union[str, P
 
     model_path = Path(model_path)
     candidates = [Path(tokenizer_path)] if tokenizer_path else [model_path, model_path.parent / "tokenizer"]
-    found = next((c for c in candidates if any((c / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json"))),
-                 None)
+    files = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+    found = next((c for c in candidates if any((c / f).is_file() for f in files)), None)
     if found is None:
         raise CheckpointError(f"no CLIP tokenizer found at {' or '.join(map(str, candidates))}: give the tokenizer "
                               "folder (tokenizer_config.json) as well")

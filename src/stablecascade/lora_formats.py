@@ -86,11 +86,11 @@ _UNDERSCORE_PREFIXES = (("lora_prior_unet_", STAGE_C, "onetrainer"), ("lora_prio
 # dotted forms: OneTrainer's OMI files (`unet.` + official module paths with the fused attention's rows numbered
 # `attn.in_proj.0/1/2`, `clip_g.` + transformers paths) and its internal form (`lora_prior_unet.` + diffusers names
 # such as `attention.to_q`, `lora_prior_te.`); then bare paths
-_DOTTED_PREFIXES = (("lora_prior_unet.", STAGE_C, "onetrainer-internal"), ("lora_prior_te.", TEXT_ENCODER,
-                                                                            "onetrainer-internal"),
-                    ("unet.", STAGE_C, "omi"), ("clip_g.", TEXT_ENCODER, "omi"), ("text_encoder.", TEXT_ENCODER, "bare"),
-                    ("model.diffusion_model.", STAGE_C, "bare"), ("diffusion_model.", STAGE_C, "bare"),
-                    ("prior.", STAGE_C, "bare"), ("", STAGE_C, "bare"))
+_DOTTED_PREFIXES = (("lora_prior_unet.", STAGE_C, "onetrainer-internal"),
+                    ("lora_prior_te.", TEXT_ENCODER, "onetrainer-internal"),
+                    ("unet.", STAGE_C, "omi"), ("clip_g.", TEXT_ENCODER, "omi"),
+                    ("text_encoder.", TEXT_ENCODER, "bare"), ("model.diffusion_model.", STAGE_C, "bare"),
+                    ("diffusion_model.", STAGE_C, "bare"), ("prior.", STAGE_C, "bare"), ("", STAGE_C, "bare"))
 _VARIANT_HINTS = ("hada_", "lokr_", "lora_mid", "dora_scale", ".diff", "oft_")
 
 

@@ -128,7 +128,8 @@ LAYER_PRESETS = {
 def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str = STAGE_C) -> list[tuple[str, str]]:
     """(module, parameter) of every layer of `model` a LoRA on `layers` changes: a preset name of LAYER_PRESETS or
     a list of regular expressions searched in module paths. Fused attention changes `in_proj_weight`; a Linear or
-    Conv2d its `weight`; grouped (depthwise) convolutions are left out, as no file format stores their LoRA."""
+    Conv2d its `weight`; grouped (depthwise) convolutions are left out: tools disagree on what a LoRA on them is
+    (OneTrainer trains a full convolution beside them, which no weight update expresses)."""
     presets = LAYER_PRESETS[which]
     if isinstance(layers, str):
         if layers not in presets:

@@ -308,7 +308,8 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
         if "task" in data and data["task"] != task:
             raise ConfigError(f"the config trains task {data['task']!r} but the command asks for {task!r}")
         data["task"] = task
-    for key in ("lr", "weight_decay", "adam_eps", "ema_beta", "lora_alpha", "offset_noise", "max_grad_norm", "token_lr"):
+    for key in ("lr", "weight_decay", "adam_eps", "ema_beta", "lora_alpha", "offset_noise", "max_grad_norm",
+                "token_lr"):
         if isinstance(data.get(key), str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
                 data[key] = float(data[key])

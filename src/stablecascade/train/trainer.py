@@ -1019,7 +1019,8 @@ class Trainer:
             self.trained.load_state_dict(model_state)
             meta = {"steps": self.step}
             if self.ema is not None:
-                self.trained.save(final / "lora_ema.safetensors", self.ema, metadata={**meta, "ema_beta": self.cfg.ema_beta})
+                self.trained.save(final / "lora_ema.safetensors", self.ema,
+                                  metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
         for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
