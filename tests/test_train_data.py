@@ -115,6 +115,10 @@ def test_memory_options_are_checked():
         load_config(None, ["frozen_dtype=int4"])
     with pytest.raises(ConfigError, match="contradicts dtype bf16"):
         load_config(None, ["frozen_dtype=fp16", "dtype=bf16"])
+    with pytest.raises(ConfigError, match="cache_text works for task c"):
+        load_config(None, ["cache_text=true"], task="lora")
+    with pytest.raises(ConfigError, match="cache_latents works for Stage C tasks"):
+        load_config(None, ["cache_latents=true"], task="b")
 
 
 def test_adamw8bit_on_cpu_says_what_to_do(tmp_path, folder, text):

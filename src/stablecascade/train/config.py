@@ -57,7 +57,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader worker processes decoding images (0 = in the training process)
     prefetch_batches: int = 2  # batches each worker prepares ahead
     cache_latents: bool = False  # EfficientNet latents computed once and kept on disk (center crops, no jitter)
-    cache_text: bool = False  # text embeddings kept on disk, keyed by caption (frozen text encoder only)
+    cache_text: bool = False  # task c: text embeddings kept on disk, keyed by caption
     cache_dir: Optional[str] = None  # default: <output_dir>/cache; shareable between runs of the same encoders
 
     # -- optimisation
@@ -167,11 +167,9 @@ class TrainConfig:
         if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
             raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
                               "or cache_latents: false")
-        if self.cache_text and self.task not in ("c", "lora"):
-            raise ConfigError(f"cache_text works for Stage C tasks (c, lora), not {self.task!r}")
-        if self.cache_text and self.task == "lora" and self.train_tokens:
-            raise ConfigError("cache_text cannot be used with train_tokens: the text embeddings change while the "
-                              "tokens train (set cache_text: false)")
+        if self.cache_text and self.task != "c":
+            raise ConfigError(f"cache_text works for task c (a frozen text encoder), not {self.task!r}: "
+                              "set cache_text: false")
         choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
