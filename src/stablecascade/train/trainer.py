@@ -352,7 +352,8 @@ class Trainer:
         self.step = 0
         self.history: list[dict] = []
         self._agree(free_space_problem(self.out, self._checkpoint_bytes()) if self.dist.main else None)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.dtype == "bf16" \
+            else contextlib.nullcontext()  # (an autocast of a device without one fails even when disabled)
         self._resume()
 
     # ----------------------------------------------------------------------------------------- setup
@@ -630,7 +631,9 @@ class Trainer:
             raise CheckpointError(problem or "rank 0 stopped the run (its error says why)")
 
     def _full_state(self, module: nn.Module) -> dict:
-        """`module`'s parameters and buffers as whole CPU tensors on rank 0 (a collective under FSDP)."""
+        """`module`'s parameters and buffers as whole CPU tensors (under FSDP a collective; rank 0 gets them)."""
+        if not self._sharded:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -704,6 +707,9 @@ class Trainer:
                               f"Free disk space in {self.out} (or make it writable); {back}.")
 
     def _optimizer_state(self) -> dict:
+        """The optimizer's state; under FSDP gathered whole (keyed by parameter name) on rank 0."""
+        if not self._sharded:
+            return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(self.trained, self.optimizer,
@@ -789,12 +795,18 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self._sharded)
-        try:
-            set_model_state_dict(self.trained, saved.get("model", {}), options=options)
-            if self.ema is not None and ("ema" in saved or self._sharded):
-                set_model_state_dict(self.ema, saved.get("ema", {}), options=options)
-            set_optimizer_state_dict(self.trained, self.optimizer, saved.get("optimizer", {}), options=options)
+        try:  # everything was read onto the CPU: loading copies it to the trainer's device (or rank 0 sends it)
+            if self._sharded:
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(self.trained, saved.get("model", {}), options=options)
+                if self.ema is not None:
+                    set_model_state_dict(self.ema, saved.get("ema", {}), options=options)
+                set_optimizer_state_dict(self.trained, self.optimizer, saved.get("optimizer", {}), options=options)
+            else:
+                self.trained.load_state_dict(saved["model"])
+                if self.ema is not None and "ema" in saved:
+                    self.ema.load_state_dict(saved["ema"])
+                self.optimizer.load_state_dict(saved["optimizer"])
         except (RuntimeError, KeyError, ValueError) as e:
             raise CheckpointError(f"the checkpoint does not fit the model being trained: {e}") from None
         state, rng = saved["state"], saved["rng"]
