@@ -644,7 +644,7 @@ class Trainer:
         return weights * (2 + 2 * (self.ema is not None) + 2)
 
     def _rng_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}  # per rank (dropout draws differ)
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
@@ -675,6 +675,7 @@ class Trainer:
                 write_state(folder, "optimizer", optim_state)
                 write_state(folder, "state", {
                     "step": self.step, "sampler": self._sampler_state(), "history": self.history,
+                    "gen": self.gen.get_state(),  # the global-batch generator: the same on every rank
                     "loss_weight": self.loss_weight.state_dict() if self.loss_weight else None})
                 (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
             except (OSError, SafetensorError) as e:
@@ -731,17 +732,13 @@ class Trainer:
         if one is missing or damaged. Under FSDP only rank 0 reads the weights and the optimizer (it sends them)."""
         from safetensors.torch import load_file
 
-        if (folder / "state.pt").exists() and not (folder / "state.json").exists():
-            raise CheckpointError(
-                f"{folder} was written by an older stablecascade, whose state.pt is a pickle file (loading one can "
-                "run code, so it is never read). Start a new run (resume=never or another output_dir), or load its "
-                "model.safetensors as the model to train (stage_c/stage_b/controlnet = that file) and start over.")
         try:
             saved_cfg = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder / 'config.json'} cannot be read ({e})") from None
+        rng = f"rng_rank{self.dist.rank}"  # absent when the run now has more ranks: they start fresh streams
         out = {"config": saved_cfg, "state": read_state(folder, "state"),
-               "rng": read_state(folder, f"rng_rank{self.dist.rank}")}
+               "rng": read_state(folder, rng) if (folder / f"{rng}.json").is_file() else None}
         if self.dist.main or not self._sharded:
             for name in ("model", "ema"):
                 path = folder / f"{name}.safetensors"
@@ -761,12 +758,17 @@ class Trainer:
     def _resume(self):
         candidates = self._resume_candidates()
         for k, folder in enumerate(candidates):
+            if (folder / "state.pt").exists() and not (folder / "state.json").exists():
+                raise CheckpointError(
+                    f"{folder} was written by an older stablecascade, whose state.pt is a pickle file (loading one "
+                    "can run code, so it is never read). Start a new run (resume=never or another output_dir), or "
+                    "train on from its model.safetensors (stage_c/stage_b/controlnet = that file).")
             try:
                 saved, problem = self._read_checkpoint(folder), None
             except CheckpointError as e:
                 saved, problem = None, e
             if not self.dist.all_ok(problem is None):
-                if self.cfg.resume != "auto" or "older stablecascade" in str(problem):
+                if self.cfg.resume != "auto":
                     raise problem or CheckpointError(f"{folder}: another rank cannot read its part")
                 log.warning("checkpoint %s is damaged (%s); trying the one before it", folder,
                             problem or "another rank cannot read its part")
@@ -807,22 +809,23 @@ class Trainer:
                 if self.ema is not None and "ema" in saved:
                     self.ema.load_state_dict(saved["ema"])
                 self.optimizer.load_state_dict(saved["optimizer"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"the checkpoint does not fit the model being trained: {e}") from None
-        state, rng = saved["state"], saved["rng"]
-        ids = {(e.source, e.image): i for i, e in enumerate(self.source.entries)}
-        sampler = dict(state["sampler"])
-        sampler["bad"] = [ids[tuple(key)] for key in sampler["bad"] if tuple(key) in ids]
-        self.sampler.load_state_dict(sampler)
-        self.skipped = self.sampler.skipped
-        if self.loss_weight is not None and state["loss_weight"] is not None:
-            self.loss_weight.load_state_dict(state["loss_weight"])
-        self.step, self.history = state["step"], state["history"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        self.gen.set_state(rng["gen"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+            state, rng = saved["state"], saved["rng"]
+            ids = {(e.source, e.image): i for i, e in enumerate(self.source.entries)}
+            sampler = dict(state["sampler"])
+            sampler["bad"] = [ids[tuple(key)] for key in sampler["bad"] if tuple(key) in ids]
+            self.sampler.load_state_dict(sampler)
+            self.skipped = self.sampler.skipped
+            if self.loss_weight is not None and state["loss_weight"] is not None:
+                self.loss_weight.load_state_dict(state["loss_weight"])
+            self.step, self.history = int(state["step"]), list(state["history"])
+            self.gen.set_state(state["gen"])
+            if rng is not None:
+                torch.set_rng_state(rng["torch"])
+                random.setstate(rng["python"])
+                if self.device.type == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"the checkpoint does not fit the run being resumed: {e!r}") from None
 
     def _trim_log(self) -> None:
         """Drop log.jsonl records past the resumed step: the steps after it are trained (and logged) again."""
