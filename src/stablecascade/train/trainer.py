@@ -1,9 +1,11 @@
 """The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (`official-spec.md` §6).
 
-One process or many (torchrun: DDP, or FSDP for the big Stage C). All randomness that shapes a global batch
-(timesteps, noise, dropout masks, crops) is drawn for the whole global batch from one seeded generator and sliced
-per rank, so N ranks compute the same losses as one process with the same global batch. A checkpoint holds the
-model, EMA, optimizer, adaptive loss buckets, every RNG and the data position, so a resumed run continues exactly.
+One process or many (torchrun: DDP, or FSDP2 for the big Stage C). All randomness that shapes a global batch
+(timesteps, dropout masks, crops, one noise seed per sample) is drawn for the whole global batch from one seeded
+generator and sliced per rank; each rank then draws only its own samples' noise from their seeds. So N ranks
+compute the same losses as one process with the same global batch. A checkpoint (safetensors + JSON, no pickle)
+holds the model, EMA, optimizer, adaptive loss buckets, every RNG and the data position, so a resumed run continues
+exactly.
 """
 
 from __future__ import annotations
