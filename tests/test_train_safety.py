@@ -223,3 +223,44 @@ def test_effnet_controlnet_starts_from_imagenet_weights(tmp_path, folder, monkey
     with caplog.at_level(logging.WARNING, "stablecascade.train"):
         Trainer(_cfg(tmp_path / "c", folder, "controlnet", stage_c=str(stage_c), controlnet_kind="canny"))
     assert "starts from RANDOM weights" in caplog.text and "controlnet_backbone_weights" in caplog.text
+
+
+class NoDeviceMixing(torch.overrides.TorchFunctionMode):
+    """Fails any torch call whose tensor arguments (other than 0-dim ones, which torch lets mix) sit on more than
+    one device: with the trainer on the `meta` device it finds, on a CPU, what would crash on a GPU. Explicit moves
+    and copies are what moving between devices looks like, so they pass."""
+
+    MOVES = {"to", "copy_", "cpu", "cuda", "set_", "_has_compatible_shallow_copy_type"}  # the last: inside Module.to
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in self.MOVES:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            devices = {t.device.type for t in leaves if isinstance(t, torch.Tensor) and t.dim() > 0}
+            if len(devices) > 1:
+                raise AssertionError(f"{getattr(func, '__name__', func)} mixes tensors on {sorted(devices)}")
+        return func(*args, **kwargs)
+
+
+def test_device_guard_catches_mixing():
+    with NoDeviceMixing(), pytest.raises(AssertionError, match="mixes tensors on"):
+        torch.ones(2, device="meta") + torch.ones(2)
+
+
+def test_training_state_lands_on_the_trainers_device(tmp_path, folder):
+    """On `meta` standing in for an accelerator: a checkpoint written on the CPU resumes with the weights, the EMA
+    and the optimizer state on the trainer's device, the CLIP image encoder moves there, and nothing on the way
+    mixes devices. (The transformers text encoder cannot run on `meta`, so the loss itself is not run here.)"""
+    import oracle
+
+    from stablecascade.conditioning import ImageEncoder
+
+    kw = dict(steps=1, save_every=1, ema_beta=0.9)
+    train(_cfg(tmp_path, folder, **kw))
+    with NoDeviceMixing():
+        trainer = Trainer(_cfg(tmp_path, folder, device="meta", **{**kw, "steps": 2}),
+                          parts={"image_encoder": ImageEncoder(oracle.tiny_image_encoder())})
+    assert trainer.step == 1
+    assert {p.device.type for p in (*trainer.trained.parameters(), *trainer.ema.parameters())} == {"meta"}
+    assert {t.device.type for s in trainer.optimizer.state.values() for t in s.values() if t.dim()} == {"meta"}
+    assert trainer.image_encoder.model.device.type == "meta"

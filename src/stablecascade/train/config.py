@@ -316,11 +316,12 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
     return from_dict(data, str(path) if path else "the config").validate()
 
 
-# Keys that say where outputs go, how often they are written and how the run is spread over devices: they may change
-# between a checkpoint and its resumption (e.g. more `steps`). Any other difference changes what is trained.
+# Keys that say where outputs go, how often they are written and where the run is: they may change between a
+# checkpoint and its resumption (e.g. more `steps`, another GPU count). Any other difference changes what is trained
+# (`use_fsdp` changes how the optimizer state is stored).
 RESUME_FREE_KEYS = {"output_dir", "steps", "save_every", "keep_checkpoints", "log_every", "sample_every",
                     "sample_prompts", "sample_steps", "sample_cfg", "sample_size", "resume", "resume_allow_changes",
-                    "use_fsdp", "device", "dist_timeout_minutes"}
+                    "device", "dist_timeout_minutes"}
 
 
 def resume_differences(saved: dict, current: TrainConfig) -> list[str]:

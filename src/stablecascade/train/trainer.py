@@ -1,9 +1,11 @@
 """The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (the official `train/` scripts).
 
-One process or many (torchrun: DDP, or FSDP for the big Stage C). All randomness that shapes a global batch
-(timesteps, noise, dropout masks, crops) is drawn for the whole global batch from one seeded generator and sliced
-per rank, so N ranks compute the same losses as one process with the same global batch. A checkpoint holds the
-model, EMA, optimizer, adaptive loss buckets, every RNG and the data position, so a resumed run continues exactly.
+One process or many (torchrun: DDP, or FSDP2 for the big Stage C). All randomness that shapes a global batch
+(timesteps, dropout masks, crops, one noise seed per sample) is drawn for the whole global batch from one seeded
+generator and sliced per rank; each rank then draws only its own samples' noise from their seeds. So N ranks
+compute the same losses as one process with the same global batch. A checkpoint (safetensors + JSON, no pickle)
+holds the model, EMA, optimizer, adaptive loss buckets, every RNG and the data position, so a resumed run continues
+exactly.
 """
 
 from __future__ import annotations
@@ -442,9 +444,10 @@ class Trainer:
     def autocast(self):
         """A fresh autocast context: bf16 for `dtype: bf16`, and the frozen models' dtype when they are stored in
         bf16/fp16 (their matmuls then run in that dtype, norms and the trained fp32 parameters' updates in fp32)."""
+        if self.cfg.dtype != "bf16" and self.cfg.frozen_dtype == "fp32":
+            return contextlib.nullcontext()  # an autocast of a device without one fails even when disabled
         dtype = FROZEN_DTYPES[self.cfg.frozen_dtype] if self.cfg.frozen_dtype != "fp32" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype,
-                              enabled=self.cfg.dtype == "bf16" or self.cfg.frozen_dtype != "fp32")
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -815,7 +818,9 @@ class Trainer:
             raise CheckpointError(problem or "rank 0 stopped the run (its error says why)")
 
     def _full_state(self, module: nn.Module) -> dict:
-        """`module`'s parameters and buffers as whole CPU tensors on rank 0 (a collective under FSDP)."""
+        """`module`'s parameters and buffers as whole CPU tensors (under FSDP a collective; rank 0 gets them)."""
+        if not self._sharded:
+            return {k: v.detach().cpu() for k, v in module.state_dict().items()}
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -826,7 +831,7 @@ class Trainer:
         return weights * (2 + 2 * (self.ema is not None) + 2)
 
     def _rng_state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "gen": self.gen.get_state()}
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}  # per rank (dropout draws differ)
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return rng
@@ -857,6 +862,7 @@ class Trainer:
                 write_state(folder, "optimizer", optim_state)
                 write_state(folder, "state", {
                     "step": self.step, "sampler": self._sampler_state(), "history": self.history,
+                    "gen": self.gen.get_state(),  # the global-batch generator: the same on every rank
                     "loss_weight": self.loss_weight.state_dict() if self.loss_weight else None})
                 (folder / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=1))
             except (OSError, SafetensorError) as e:
@@ -889,6 +895,9 @@ class Trainer:
                               f"Free disk space in {self.out} (or make it writable); {back}.")
 
     def _optimizer_state(self) -> dict:
+        """The optimizer's state; under FSDP gathered whole (keyed by parameter name) on rank 0."""
+        if not self._sharded:
+            return self.optimizer.state_dict()
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         return get_optimizer_state_dict(self.trained, self.optimizer,
@@ -910,17 +919,13 @@ class Trainer:
         if one is missing or damaged. Under FSDP only rank 0 reads the weights and the optimizer (it sends them)."""
         from safetensors.torch import load_file
 
-        if (folder / "state.pt").exists() and not (folder / "state.json").exists():
-            raise CheckpointError(
-                f"{folder} was written by an older stablecascade, whose state.pt is a pickle file (loading one can "
-                "run code, so it is never read). Start a new run (resume=never or another output_dir), or load its "
-                "model.safetensors as the model to train (stage_c/stage_b/controlnet = that file) and start over.")
         try:
             saved_cfg = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{folder / 'config.json'} cannot be read ({e})") from None
+        rng = f"rng_rank{self.dist.rank}"  # absent when the run now has more ranks: they start fresh streams
         out = {"config": saved_cfg, "state": read_state(folder, "state"),
-               "rng": read_state(folder, f"rng_rank{self.dist.rank}")}
+               "rng": read_state(folder, rng) if (folder / f"{rng}.json").is_file() else None}
         if self.dist.main or not self._sharded:
             for name in ("model", "ema"):
                 path = folder / f"{name}.safetensors"
@@ -940,12 +945,17 @@ class Trainer:
     def _resume(self):
         candidates = self._resume_candidates()
         for k, folder in enumerate(candidates):
+            if (folder / "state.pt").exists() and not (folder / "state.json").exists():
+                raise CheckpointError(
+                    f"{folder} was written by an older stablecascade, whose state.pt is a pickle file (loading one "
+                    "can run code, so it is never read). Start a new run (resume=never or another output_dir), or "
+                    "train on from its model.safetensors (stage_c/stage_b/controlnet = that file).")
             try:
                 saved, problem = self._read_checkpoint(folder), None
             except CheckpointError as e:
                 saved, problem = None, e
             if not self.dist.all_ok(problem is None):
-                if self.cfg.resume != "auto" or "older stablecascade" in str(problem):
+                if self.cfg.resume != "auto":
                     raise problem or CheckpointError(f"{folder}: another rank cannot read its part")
                 log.warning("checkpoint %s is damaged (%s); trying the one before it", folder,
                             problem or "another rank cannot read its part")
@@ -974,28 +984,35 @@ class Trainer:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                              set_optimizer_state_dict)
 
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self._sharded)
-        try:
-            set_model_state_dict(self.trained, saved.get("model", {}), options=options)
-            if self.ema is not None and ("ema" in saved or self._sharded):
-                set_model_state_dict(self.ema, saved.get("ema", {}), options=options)
-            set_optimizer_state_dict(self.trained, self.optimizer, saved.get("optimizer", {}), options=options)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise CheckpointError(f"the checkpoint does not fit the model being trained: {e}") from None
-        state, rng = saved["state"], saved["rng"]
-        ids = {(e.source, e.image): i for i, e in enumerate(self.source.entries)}
-        sampler = dict(state["sampler"])
-        sampler["bad"] = [ids[tuple(key)] for key in sampler["bad"] if tuple(key) in ids]
-        self.sampler.load_state_dict(sampler)
-        self.skipped = self.sampler.skipped
-        if self.loss_weight is not None and state["loss_weight"] is not None:
-            self.loss_weight.load_state_dict(state["loss_weight"])
-        self.step, self.history = state["step"], state["history"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        self.gen.set_state(rng["gen"])
-        if self.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        try:  # everything was read onto the CPU: loading copies it to the trainer's device (or rank 0 sends it)
+            if self._sharded:
+                options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+                set_model_state_dict(self.trained, saved.get("model", {}), options=options)
+                if self.ema is not None:
+                    set_model_state_dict(self.ema, saved.get("ema", {}), options=options)
+                set_optimizer_state_dict(self.trained, self.optimizer, saved.get("optimizer", {}), options=options)
+            else:
+                self.trained.load_state_dict(saved["model"])
+                if self.ema is not None and "ema" in saved:
+                    self.ema.load_state_dict(saved["ema"])
+                self.optimizer.load_state_dict(saved["optimizer"])
+            state, rng = saved["state"], saved["rng"]
+            ids = {(e.source, e.image): i for i, e in enumerate(self.source.entries)}
+            sampler = dict(state["sampler"])
+            sampler["bad"] = [ids[tuple(key)] for key in sampler["bad"] if tuple(key) in ids]
+            self.sampler.load_state_dict(sampler)
+            self.skipped = self.sampler.skipped
+            if self.loss_weight is not None and state["loss_weight"] is not None:
+                self.loss_weight.load_state_dict(state["loss_weight"])
+            self.step, self.history = int(state["step"]), list(state["history"])
+            self.gen.set_state(state["gen"])
+            if rng is not None:
+                torch.set_rng_state(rng["torch"])
+                random.setstate(rng["python"])
+                if self.device.type == "cuda" and "cuda" in rng:
+                    torch.cuda.set_rng_state(rng["cuda"], self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise CheckpointError(f"the checkpoint does not fit the run being resumed: {e!r}") from None
 
     def _trim_log(self) -> None:
         """Drop log.jsonl records past the resumed step: the steps after it are trained (and logged) again."""
