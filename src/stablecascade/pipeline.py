@@ -8,7 +8,6 @@ Stage C latent, then Stage A decoding).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import secrets
@@ -647,9 +646,9 @@ def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
 
 def _from_pretrained(cls, path, dtype):
     try:
-        return cls.from_pretrained(str(path), dtype=dtype)
+        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle .bin
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        return cls.from_pretrained(str(path), torch_dtype=dtype)
+        return cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
 
 
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
@@ -719,7 +718,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     if bundle is not None:
         from .models.effnet import load_nano_encoder
 
-        manifest = json.loads((bundle / "model.json").read_text())
+        manifest = checkpoints.read_bundle_manifest(bundle / "model.json")
         prior = bundle / "prior"
         model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
                               decoder_guidance=manifest["decoder_guidance"])
