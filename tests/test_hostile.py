@@ -506,3 +506,58 @@ def test_pickle_text_encoder_is_never_unpickled(bundle, tmp_path, capsys):
                          "--out", str(tmp_path / "out")], capsys)
     assert code == 2 and "CLIP text encoder" in err and "Traceback" not in err, err
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ non-finite values
+LORA_LAYER = "lora_unet_down_blocks_0_2_attention_attn_out_proj"  # the first AttnBlock's out_proj in nano's Stage C
+
+
+def lora_file(path: Path, down: float, up: float, alpha=None) -> Path:
+    """A kohya-format rank-4 LoRA of one nano Stage C layer, every value of down/up set as given."""
+    state = {f"{LORA_LAYER}.lora_down.weight": torch.full((4, 128), down),
+             f"{LORA_LAYER}.lora_up.weight": torch.full((128, 4), up)}
+    if alpha is not None:
+        state[f"{LORA_LAYER}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("down,up,alpha,needle", [
+    (float("nan"), 0.01, None, "NaN or infinite"),
+    (0.01, float("inf"), None, "NaN or infinite"),
+    (0.01, 0.01, float("nan"), "alpha"),
+    (1000.0, 1000.0, None, "can change weights by up to 4e+06"),
+])
+def test_broken_lora_files_are_refused_at_load(nano, tmp_path, down, up, alpha, needle):
+    before = nano.stage_c.state_dict()["down_blocks.0.2.attention.attn.out_proj.weight"].clone()
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        nano.load_lora(lora_file(tmp_path / "broken.safetensors", down, up, alpha))
+    assert nano.loras == {}
+    assert torch.equal(nano.stage_c.state_dict()["down_blocks.0.2.attention.attn.out_proj.weight"], before)
+
+
+def test_non_finite_lora_scales_are_refused(nano, tmp_path, capsys):
+    path = lora_file(tmp_path / "fine.safetensors", 0.01, 0.01)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="finite"):
+            nano.load_lora(path, scale=scale)
+    assert nano.loras == {}
+    name = nano.load_lora(path, scale=0.5)
+    try:
+        with pytest.raises(InputError, match="finite"):
+            nano.set_lora_scale(name, float("-inf"))
+    finally:
+        nano.unload_loras()
+    for scale in ("nan", "inf", "-Infinity"):
+        one_line_error(*run_cli(["generate", "x", "--lora", f"{path}:{scale}", "--out", str(tmp_path / "o")],
+                                capsys), "finite number")
+
+
+def test_latents_that_turn_non_finite_fail_naming_the_lora(nano, tmp_path):
+    name = nano.load_lora(lora_file(tmp_path / "loud.safetensors", 0.5, 0.5), scale=1e30)  # finite, absurd
+    try:
+        with pytest.raises(CheckpointError, match=r"Stage C produced NaN or infinite latents.*LoRAs \['loud'\]"):
+            nano("a red circle", seed=0, progress=False, **TINY)
+    finally:
+        nano.unload_loras()
+    assert nano("a red circle", seed=0, progress=False, **TINY)[0].getextrema() != ((0, 0), (0, 0), (0, 0))

@@ -234,6 +234,14 @@ class StableCascadePipeline:
         c_shift, b_shift, rho = SAMPLING_DEFAULTS[sampling]
         return (*self.official_shifts, rho) if sampling == "official" else (c_shift, b_shift, rho)
 
+    def _check_finite(self, latents: torch.Tensor, stage: str) -> None:
+        """Fail, naming the likely cause, instead of decoding NaN latents into a silent black picture."""
+        if not torch.isfinite(latents).all():
+            cause = f"the LoRAs {sorted(self.loras)} at scales {list(self.loras.values())}" if self.loras else \
+                "its weights (a broken or wrongly converted file)"
+            raise CheckpointError(f"{stage} produced NaN or infinite latents; the likely cause is {cause}. Check "
+                                  "the files, or lower the LoRA scales.")
+
     def _noise(self, shape, run: _Run) -> torch.Tensor:
         return torch.randn(shape, generator=run.generator, dtype=torch.float32).to(self.device)
 
@@ -270,6 +278,7 @@ class StableCascadePipeline:
             denoise = self._denoiser(self.stage_c, cond, uncond, run.prior_guidance, rho)
             latents = self._sample("Stage C", denoise, x, steps, shift, run, t_start=min(strength, 1.0),
                                    on_step=on_step)
+        self._check_finite(latents, "Stage C")
         return latents, pooled, neg_pooled
 
     def _previews(self, callback: PreviewCallback):
@@ -287,6 +296,7 @@ class StableCascadePipeline:
         with self._running(self.stage_b), _keeping_dtype(self.stage_b):
             denoise = self._denoiser(self.stage_b, cond, uncond, run.decoder_guidance, rho)
             latents_b = self._sample("Stage B", denoise, x, run.decoder_steps, shift, run)
+        self._check_finite(latents_b, "Stage B")
         tiled = run.tiled_decode if run.tiled_decode is not None else run.width * run.height > TILED_DECODE_AREA
         with self._running(self.stage_a):
             latents_b = latents_b.to(self.stage_a_dtype)
