@@ -1,6 +1,7 @@
 """Hostile and careless input: each bad input gets a clear error (type and message, HTTP status or CLI exit code),
 never a traceback, a 5xx, unbounded memory or lost work. Runs on the built-in nano model at 64x64."""
 
+import collections
 import contextlib
 import io
 import json
@@ -561,3 +562,42 @@ def test_latents_that_turn_non_finite_fail_naming_the_lora(nano, tmp_path):
     finally:
         nano.unload_loras()
     assert nano("a red circle", seed=0, progress=False, **TINY)[0].getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+# ------------------------------------------------------------------------------------------ fuzzing the HTTP API
+FUZZ_EXAMPLES = 300  # about a minute on a laptop CPU
+
+
+def test_schemathesis_fuzz_of_the_http_api_finds_no_5xx(nano):
+    """Positive and negative cases generated from the server's own OpenAPI schema, sent to uvicorn on 127.0.0.1.
+    Jobs are queued without ?wait (a waiting request would make the fuzz as slow as generation)."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase
+    from schemathesis import GenerationMode
+
+    app = server.create_app(nano, max_queue=2, max_pixels=64 * 64, max_body_bytes=256 * 1024)
+    with live_server(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+        strategy = st.one_of(*(schema.as_strategy(mode, query={"wait": "false"})
+                               for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)))
+        tried, server_errors = collections.Counter(), []
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def fuzz(case):
+            response = case.call(base_url=base, timeout=30)
+            tried[f"{case.method} {case.path}"] += 1
+            if response.status_code >= 500:
+                server_errors.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
+
+        fuzz()
+        for job in requests.get(f"{base}/v1/jobs", timeout=30).json():  # leave no work behind
+            requests.delete(f"{base}/v1/jobs/{job['id']}", timeout=30)
+        health = requests.get(f"{base}/health", timeout=10)
+    print(f"schemathesis: {sum(tried.values())} cases: {dict(tried)}")
+    assert not server_errors, server_errors[:5]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert sum(tried.values()) >= FUZZ_EXAMPLES // 2 and len(tried) >= 8  # most operations were reached
