@@ -386,6 +386,7 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    previous = limits.current()  # restored on return: main() may run inside a longer-lived process (tests)
     try:
         configured = limits.from_args(args)
         if configured is not None:
@@ -403,6 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        limits.set_current(previous)
 
 
 if __name__ == "__main__":
