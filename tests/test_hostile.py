@@ -1,9 +1,13 @@
 """Hostile and careless input: each bad input gets a clear error (type and message, HTTP status or CLI exit code),
 never a traceback, a 5xx, unbounded memory or lost work. Runs on the built-in nano model at 64x64."""
 
+import collections
 import contextlib
 import io
+import json
 import os
+import re
+import shutil
 import socket
 import struct
 import subprocess
@@ -20,13 +24,16 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from safetensors.torch import save_file
 
 import stablecascade
-from stablecascade import limits, server
+from stablecascade import checkpoints, limits, server
 from stablecascade.cli import main
-from stablecascade.errors import InputError, LimitError
+from stablecascade.configs import STAGE_C
+from stablecascade.errors import CheckpointError, InputError, LimitError
 from stablecascade.images import load_image
 from stablecascade.limits import Limits
+from stablecascade.pipeline import NANO_DIR
 
 TINY = {"width": 64, "height": 64, "prior_steps": 1, "decoder_steps": 1}
 SLOW = {"width": 64, "height": 64, "prior_steps": 200, "decoder_steps": 1}  # runs until cancelled
@@ -303,8 +310,9 @@ def test_input_limit_holds_for_paths_pil_images_and_tensors(tmp_path):
         limits.set_current(previous)
 
 
-def run_memory_bounded(imports: str, code: str) -> str:
-    """Run `code` in a fresh Python whose address space may grow at most 1 GiB past `imports`; its stdout."""
+def run_memory_bounded(imports: str, *calls: str) -> list:
+    """Evaluate each of `calls` in a fresh Python whose address space may grow at most 1 GiB past `imports`; the
+    line each printed: the error it raised ("LimitError ..."), or "returned"."""
     src = str(Path(stablecascade.__file__).resolve().parents[1])
     program = textwrap.dedent("""
         import resource
@@ -312,21 +320,23 @@ def run_memory_bounded(imports: str, code: str) -> str:
         from stablecascade.errors import StableCascadeError
         size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, size + 2**30))
-        try:
-            {code}
-        except StableCascadeError as e:
-            print(type(e).__name__, e)
-        """).format(imports=imports, code=code)
+        for call in {calls!r}:
+            try:
+                eval(call)
+                print("returned")
+            except StableCascadeError as e:
+                print(type(e).__name__, str(e).replace("\\n", " "))
+        """).format(imports=imports, calls=list(calls))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return done.stdout.splitlines()
 
 
 def test_a_17_kb_png_of_12000x12000_pixels_stays_within_memory(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_bomb(12000, 12000))  # would be 1.7 GB as float pixels
-    out = run_memory_bounded("from stablecascade import images", f"images.load_image({str(bomb)!r})")
+    [out] = run_memory_bounded("from stablecascade import images", f"images.load_image({str(bomb)!r})")
     assert out.startswith("LimitError") and "12000x12000" in out, out
 
 
@@ -361,3 +371,233 @@ def test_generation_limits_property(images, steps, seed):
 def test_limits_refuse_values_that_are_no_positive_whole_number(value):
     with pytest.raises(InputError, match="--max-steps must be a whole number >= 1"):
         Limits(max_steps=value)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints and configs
+@pytest.fixture
+def bundle(tmp_path):
+    """A writable copy of the built-in nano model bundle, to tamper with."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(NANO_DIR, copy)
+    return copy
+
+
+def edit_json(path: Path, change) -> None:
+    path.write_text(change(json.loads(path.read_text())) if callable(change) else change)
+
+
+def with_(**fields):
+    return lambda d: json.dumps({**d, **fields})
+
+
+def without(key):
+    return lambda d: json.dumps({k: v for k, v in d.items() if k != key})
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("{", "is not a readable diffusers config"),
+    ("", "is not a readable diffusers config"),
+    ("[1, 2]", "this file holds a list"),
+    (without("in_channels"), "'in_channels' is missing"),
+    (with_(block_out_channels=128), "TypeError"),
+    (with_(down_num_layers_per_block=[100000000, 2]), "blocks[0] (down)[0]=100000000"),
+    (with_(down_num_layers_per_block=[3, 2]), "down_blocks.0: the config implies 9 blocks, the file holds 6"),
+    (with_(num_attention_heads=["4", 4]), "'<=' not supported"),
+    (with_(kernel_size=1e300), "kernel_size=1e+300"),
+    (with_(block_types_per_layer=[["SDCascadeFooBlock"]] * 2), "'SDCascadeFooBlock' is missing or unknown"),
+    ('{"_class_name": "StableCascadeUNet", "clip_text_in_channels": 32, "dropout": NaN}', "is missing"),
+])
+def test_bad_diffusers_config_gets_one_clear_checkpoint_error(bundle, change, needle):
+    folder = bundle / "prior" / "prior"
+    edit_json(folder / "config.json", change)
+    with pytest.raises(CheckpointError) as e:
+        checkpoints.load_component(folder, "stage_c")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def nano_stage_c_file(bundle: Path, path: Path, config) -> Path:
+    """The nano Stage C as an official file whose stablecascade_config metadata is `config` (any JSON text)."""
+    state, _ = checkpoints.read_state_dict(next((bundle / "prior" / "prior").glob("*.safetensors")))
+    save_file(checkpoints.diffusers_to_official(state, "stage_c"), str(path),
+              metadata={checkpoints.CONFIG_METADATA_KEY: config})
+    return path
+
+
+def nano_config(**changes) -> str:
+    return json.dumps({**STAGE_C["nano"].to_dict(), **changes})
+
+
+@pytest.mark.parametrize("config,needle", [
+    (nano_config(blocks=[[100000000, 1], [1, 1]]), "blocks[0] (down)[0]=100000000"),
+    (nano_config(blocks=[[200, 2], [2, 2]]), "the config implies 600 blocks, the file holds 6"),
+    (nano_config(colour="red"), "unknown keys ['colour']"),
+    (nano_config(c_hidden="wide"), "every per-level list must have 4 entries"),
+    (nano_config(level_config=["CTX", "CTA"]), "level_config[0]='CTX'"),
+    ("not json", "metadata is not JSON"),
+    ("[1]", "metadata is a JSON list"),
+])
+def test_bad_config_metadata_gets_one_clear_checkpoint_error(bundle, tmp_path, config, needle):
+    path = nano_stage_c_file(bundle, tmp_path / "stage_c.safetensors", config)
+    with pytest.raises(CheckpointError) as e:
+        checkpoints.load_component(path, "stage_c")
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_valid_metadata_still_loads(bundle, tmp_path):
+    path = nano_stage_c_file(bundle, tmp_path / "stage_c.safetensors", nano_config())
+    assert checkpoints.load_component(path, "stage_c").config == STAGE_C["nano"]
+
+
+def test_crafted_configs_are_refused_within_bounded_memory(bundle, tmp_path):
+    """The two crafted configs of the report: before validation they built 10^8 blocks on the meta device."""
+    edit_json(bundle / "prior" / "prior" / "config.json", with_(down_num_layers_per_block=[100000000, 2]))
+    crafted = nano_stage_c_file(bundle, tmp_path / "crafted.safetensors", nano_config(blocks=[[100000000, 1],
+                                                                                              [1, 1]]))
+    out = run_memory_bounded("from stablecascade import checkpoints",
+                             f"checkpoints.load_component({str(bundle / 'prior' / 'prior')!r}, 'stage_c')",
+                             f"checkpoints.load_component({str(crafted)!r}, 'stage_c')")
+    assert len(out) == 2 and all(line.startswith("CheckpointError") and "100000000" in line for line in out), out
+
+
+@pytest.mark.parametrize("index,needle", [
+    ("{", "not a readable safetensors index"),
+    ('{"weight_map": {"a": "../../elsewhere.safetensors"}}', "same folder"),
+    ('{"weight_map": []}', "weight_map"),
+    ('{"metadata": {}}', "weight_map"),
+])
+def test_bad_index_json(bundle, index, needle):
+    folder = bundle / "prior" / "prior"
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        checkpoints.load_component(folder, "stage_c")
+
+
+@pytest.mark.parametrize("change,needle", [
+    ("[]", "this file holds a list"),
+    (with_(native_size="64"), "native_size='64'"),
+    (with_(shifts=[2.0]), "shifts=[2.0]"),
+    (with_(decoder_guidance=-1), "decoder_guidance=-1"),
+    (with_(effnet="../../elsewhere.safetensors"), "effnet='../../elsewhere.safetensors'"),
+    (without("previewer"), "previewer=None"),
+])
+def test_bad_model_json(bundle, tmp_path, capsys, change, needle):
+    edit_json(bundle / "model.json", change)
+    code, err = run_cli(["generate", "x", "--prior", str(bundle), "--decoder", str(bundle),
+                         "--out", str(tmp_path / "out")], capsys)
+    one_line_error(code, err, needle)
+
+
+class Plant:
+    """Pickled, it writes a marker file when unpickled: what a crafted checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_pickle_text_encoder_is_never_unpickled(bundle, tmp_path, capsys):
+    folder = bundle / "prior" / "text_encoder"
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"text_model.embeddings.token_embedding.weight": Plant(str(marker))}, folder / "pytorch_model.bin")
+    code, err = run_cli(["generate", "x", "--prior", str(bundle), "--decoder", str(bundle),
+                         "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "CLIP text encoder" in err and "Traceback" not in err, err
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------ non-finite values
+LORA_LAYER = "lora_unet_down_blocks_0_2_attention_attn_out_proj"  # the first AttnBlock's out_proj in nano's Stage C
+
+
+def lora_file(path: Path, down: float, up: float, alpha=None) -> Path:
+    """A kohya-format rank-4 LoRA of one nano Stage C layer, every value of down/up set as given."""
+    state = {f"{LORA_LAYER}.lora_down.weight": torch.full((4, 128), down),
+             f"{LORA_LAYER}.lora_up.weight": torch.full((128, 4), up)}
+    if alpha is not None:
+        state[f"{LORA_LAYER}.alpha"] = torch.tensor(alpha)
+    save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("down,up,alpha,needle", [
+    (float("nan"), 0.01, None, "NaN or infinite"),
+    (0.01, float("inf"), None, "NaN or infinite"),
+    (0.01, 0.01, float("nan"), "alpha"),
+    (1000.0, 1000.0, None, "can change weights by up to 4e+06"),
+])
+def test_broken_lora_files_are_refused_at_load(nano, tmp_path, down, up, alpha, needle):
+    before = nano.stage_c.state_dict()["down_blocks.0.2.attention.attn.out_proj.weight"].clone()
+    with pytest.raises(CheckpointError, match=re.escape(needle)):
+        nano.load_lora(lora_file(tmp_path / "broken.safetensors", down, up, alpha))
+    assert nano.loras == {}
+    assert torch.equal(nano.stage_c.state_dict()["down_blocks.0.2.attention.attn.out_proj.weight"], before)
+
+
+def test_non_finite_lora_scales_are_refused(nano, tmp_path, capsys):
+    path = lora_file(tmp_path / "fine.safetensors", 0.01, 0.01)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(InputError, match="finite"):
+            nano.load_lora(path, scale=scale)
+    assert nano.loras == {}
+    name = nano.load_lora(path, scale=0.5)
+    try:
+        with pytest.raises(InputError, match="finite"):
+            nano.set_lora_scale(name, float("-inf"))
+    finally:
+        nano.unload_loras()
+    for scale in ("nan", "inf", "-Infinity"):
+        one_line_error(*run_cli(["generate", "x", "--lora", f"{path}:{scale}", "--out", str(tmp_path / "o")],
+                                capsys), "finite number")
+
+
+def test_latents_that_turn_non_finite_fail_naming_the_lora(nano, tmp_path):
+    name = nano.load_lora(lora_file(tmp_path / "loud.safetensors", 0.5, 0.5), scale=1e30)  # finite, absurd
+    try:
+        with pytest.raises(CheckpointError, match=r"Stage C produced NaN or infinite latents.*LoRAs \['loud'\]"):
+            nano("a red circle", seed=0, progress=False, **TINY)
+    finally:
+        nano.unload_loras()
+    assert nano("a red circle", seed=0, progress=False, **TINY)[0].getextrema() != ((0, 0), (0, 0), (0, 0))
+
+
+# ------------------------------------------------------------------------------------------ fuzzing the HTTP API
+FUZZ_EXAMPLES = 300  # about a minute on a laptop CPU
+
+
+def test_schemathesis_fuzz_of_the_http_api_finds_no_5xx(nano):
+    """Positive and negative cases generated from the server's own OpenAPI schema, sent to uvicorn on 127.0.0.1.
+    Jobs are queued without ?wait (a waiting request would make the fuzz as slow as generation)."""
+    import requests
+    import schemathesis
+    from hypothesis import HealthCheck, Phase
+    from schemathesis import GenerationMode
+
+    app = server.create_app(nano, max_queue=2, max_pixels=64 * 64, max_body_bytes=256 * 1024)
+    with live_server(app) as port:
+        base = f"http://127.0.0.1:{port}"
+        schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+        strategy = st.one_of(*(schema.as_strategy(mode, query={"wait": "false"})
+                               for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)))
+        tried, server_errors = collections.Counter(), []
+
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(case=strategy)
+        def fuzz(case):
+            response = case.call(base_url=base, timeout=30)
+            tried[f"{case.method} {case.path}"] += 1
+            if response.status_code >= 500:
+                server_errors.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
+
+        fuzz()
+        for job in requests.get(f"{base}/v1/jobs", timeout=30).json():  # leave no work behind
+            requests.delete(f"{base}/v1/jobs/{job['id']}", timeout=30)
+        health = requests.get(f"{base}/health", timeout=10)
+    print(f"schemathesis: {sum(tried.values())} cases: {dict(tried)}")
+    assert not server_errors, server_errors[:5]
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert sum(tried.values()) >= FUZZ_EXAMPLES // 2 and len(tried) >= 8  # most operations were reached

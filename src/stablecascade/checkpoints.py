@@ -22,7 +22,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .configs import STAGE_B, STAGE_C, StageAConfig, StageBConfig, StageCConfig, UNetConfig
+from .configs import (STAGE_B, STAGE_C, EffnetConfig, PreviewerConfig, StageAConfig, StageBConfig, StageCConfig,
+                      UNetConfig)
 from .errors import CheckpointError
 from .models import ControlNet, EfficientNetEncoder, Previewer, StageA, StageB, StageC
 from .models.controlnet import RELEASED_BLOCKS, ControlNetConfig
@@ -33,6 +34,7 @@ KIND_NAMES = {"stage_c": "Stage C (prior)", "stage_b": "Stage B (decoder)", "sta
               "effnet": "EfficientNet encoder", "previewer": "Previewer", "controlnet": "ControlNet",
               "lora": "LoRA", "text_encoder": "CLIP text encoder"}
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
+_SIMPLE_CONFIGS = {"stage_a": StageAConfig, "effnet": EffnetConfig, "previewer": PreviewerConfig}
 CONFIG_METADATA_KEY = "stablecascade_config"
 
 
@@ -288,7 +290,7 @@ def infer_config(state: dict, kind: str, metadata: Optional[dict] = None):
         return infer_controlnet_config(state, metadata)
     cls = {"stage_c": StageCConfig, "stage_b": StageBConfig}.get(kind)
     if metadata and CONFIG_METADATA_KEY in metadata:
-        d = json.loads(metadata[CONFIG_METADATA_KEY])
+        d = _metadata_config(metadata, cls or _SIMPLE_CONFIGS[kind])
         return cls.from_dict(d) if cls else _simple_config(kind, d)
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if kind in ("stage_c", "stage_b"):
@@ -313,7 +315,7 @@ def infer_controlnet_config(state: dict, metadata: Optional[dict] = None,
     The controlled block indices are not stored in the weights: 8 projections mean the released
     (0, 4, 8, 12, 51, 55, 59, 63), 64 mean all blocks; any other count needs `proj_blocks`."""
     if metadata and CONFIG_METADATA_KEY in metadata and proj_blocks is None:
-        return ControlNetConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        return ControlNetConfig.from_dict(_metadata_config(metadata, ControlNetConfig))
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     if "backbone.0.0.weight" in shapes:
         mode, c_in = "effnet", shapes["backbone.0.0.weight"][1]
@@ -341,10 +343,130 @@ def infer_controlnet_config(state: dict, metadata: Optional[dict] = None,
 
 
 def _simple_config(kind: str, d: Optional[dict]):
-    from .configs import EffnetConfig, PreviewerConfig
+    return _SIMPLE_CONFIGS[kind](**(d or {}))
 
-    cls = {"stage_a": StageAConfig, "effnet": EffnetConfig, "previewer": PreviewerConfig}[kind]
-    return cls(**(d or {}))
+
+def _metadata_config(metadata: dict, cls) -> dict:
+    """The `stablecascade_config` metadata as a dict of `cls`'s fields: JSON, an object, no unknown keys."""
+    try:
+        d = json.loads(metadata[CONFIG_METADATA_KEY])
+    except ValueError as e:
+        raise ValueError(f"its {CONFIG_METADATA_KEY} metadata is not JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"its {CONFIG_METADATA_KEY} metadata is a JSON {type(d).__name__}, not an object")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"its {CONFIG_METADATA_KEY} metadata has unknown keys {_show(unknown)} for a "
+                         f"{cls.__name__}")
+    return d
+
+
+# ------------------------------------------------------------------------------------- config validation
+MAX_CHANNELS = 1 << 16
+MAX_LEVELS = 16
+MAX_BLOCKS_PER_LEVEL = 256  # the released Stage C has 24
+MAX_REPEATS = 16  # the released Stage B repeats its up levels 3 times
+UNET_SIZES = {"c_in": (1, 1024), "c_out": (1, 1024), "c_r": (2, 4096), "patch_size": (1, 16),
+              "c_cond": (1, MAX_CHANNELS), "kernel_size": (1, 31), "c_clip_text": (1, MAX_CHANNELS),
+              "c_clip_text_pooled": (1, MAX_CHANNELS), "c_clip_img": (1, MAX_CHANNELS), "c_clip_seq": (1, 1024),
+              "c_clip": (1, MAX_CHANNELS), "c_effnet": (1, 1024), "c_pixels": (1, 1024)}
+SIMPLE_SIZES = {"levels": (1, 8), "bottleneck_blocks": (0, 256), "c_hidden": (1, MAX_CHANNELS),
+                "c_latent": (1, 1024), "codebook_size": (1, 1 << 20), "c_in": (1, 4096), "c_out": (1, 4096),
+                "c_proj": (1, MAX_CHANNELS)}
+
+
+def _show(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def validate_config(config) -> None:
+    """Raise ValueError naming every field of a model config that has the wrong type or an absurd value, so that
+    a crafted config (a hundred million blocks...) is refused before anything is built from it."""
+    problems = []
+
+    def whole(name, value, low, high):
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            problems.append(f"{name}={_show(value)} (expected a whole number from {low} to {high})")
+
+    def per_level(name, values, low, high, n):
+        if not isinstance(values, tuple) or len(values) != n:
+            problems.append(f"{name}={_show(values)} (expected {n} values, one per level)")
+            return
+        for i, v in enumerate(values):
+            whole(f"{name}[{i}]", v, low, high)
+
+    if isinstance(config, UNetConfig):
+        n = len(config.c_hidden) if isinstance(config.c_hidden, tuple) else 0
+        if not 1 <= n <= MAX_LEVELS:
+            raise ValueError(f"c_hidden={_show(config.c_hidden)} (expected 1 to {MAX_LEVELS} channel counts)")
+        per_level("c_hidden", config.c_hidden, 1, MAX_CHANNELS, n)
+        for i, (kinds, heads) in enumerate(zip(config.level_config, config.nhead)):
+            if not isinstance(kinds, str) or not 1 <= len(kinds) <= 8 or set(kinds) - set(_BLOCK_TYPES.values()):
+                problems.append(f"level_config[{i}]={_show(kinds)} (expected 1 to 8 of the letters C, T, A)")
+            elif "A" in kinds:
+                whole(f"nhead[{i}]", heads, 1, MAX_CHANNELS)
+        for side, name in enumerate(("down", "up")):
+            per_level(f"blocks[{side}] ({name})", config.blocks[side], 0, MAX_BLOCKS_PER_LEVEL, n)
+            per_level(f"block_repeat[{side}] ({name})", config.block_repeat[side], 1, MAX_REPEATS, n)
+        if not all(isinstance(d, (int, float)) and 0 <= d < 1 for d in config.dropout):
+            problems.append(f"dropout={_show(config.dropout)} (expected numbers in [0, 1))")
+        if not (isinstance(config.t_conds, tuple) and len(config.t_conds) <= 8
+                and all(isinstance(t, str) and t.isidentifier() for t in config.t_conds)):
+            problems.append(f"t_conds={_show(config.t_conds)} (expected up to 8 names such as 'sca')")
+        if not isinstance(config.self_attn, bool):
+            problems.append(f"self_attn={_show(config.self_attn)} (expected true or false)")
+        for name, (low, high) in UNET_SIZES.items():
+            if hasattr(config, name) and not (name in ("c_effnet", "c_pixels") and getattr(config, name) is None):
+                whole(name, getattr(config, name), low, high)
+    elif isinstance(config, ControlNetConfig):
+        whole("c_in", config.c_in, 1, 4096)
+        whole("c_proj", config.c_proj, 1, MAX_CHANNELS)
+        if len(config.proj_blocks) > 4096 or max(config.proj_blocks) >= 4096:
+            problems.append(f"proj_blocks={_show(config.proj_blocks)} (expected at most 4096 indices below 4096)")
+    else:
+        for f in dataclasses.fields(config):
+            value = getattr(config, f.name)
+            if f.name in SIMPLE_SIZES:
+                whole(f.name, value, *SIMPLE_SIZES[f.name])
+            elif f.type in (float, "float") and not (isinstance(value, (int, float)) and 0 < value < 1e6):
+                problems.append(f"{f.name}={_show(value)} (expected a positive number)")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _block_counts(state: dict, prefix: str) -> dict:
+    """{level: number of distinct sub-module indices} of the keys `prefix.<level>.<index>.*`."""
+    found: dict = {}
+    for key in state:
+        if key.startswith(prefix):
+            parts = key[len(prefix):].split(".")
+            if len(parts) > 2 and parts[0].isdigit() and parts[1].isdigit():
+                found.setdefault(int(parts[0]), set()).add(int(parts[1]))
+    return {level: len(indices) for level, indices in found.items()}
+
+
+def check_structure(config, state: dict) -> None:
+    """Raise ValueError unless the blocks a U-Net config implies are the blocks the file's tensors hold, level by
+    level: a config cannot make the loader build more than the file has weights for."""
+    if not isinstance(config, UNetConfig):
+        return
+    n = len(config.c_hidden)
+    expected = {}
+    for i in range(n):
+        up = n - 1 - i  # up levels run deepest first
+        expected[f"down_blocks.{i}"] = config.blocks[0][i] * len(config.level_config[i])
+        expected[f"up_blocks.{up}"] = config.blocks[1][up] * len(config.level_config[i])
+        expected[f"down_repeat_mappers.{i}"] = config.block_repeat[0][i] - 1
+        expected[f"up_repeat_mappers.{up}"] = config.block_repeat[1][up] - 1
+    found = {f"{prefix}.{level}": count for prefix in ("down_blocks", "up_blocks", "down_repeat_mappers",
+                                                        "up_repeat_mappers")
+             for level, count in _block_counts(state, prefix + ".").items()}
+    wrong = [f"{name}: the config implies {count} blocks, the file holds {found.get(name, 0)}"
+             for name, count in expected.items() if found.get(name, 0) != count]
+    extra = sorted(set(found) - set(expected))
+    if wrong or extra:
+        raise ValueError("; ".join(wrong[:3] + [f"the file has levels the config lacks: {extra[:3]}"] * bool(extra)))
 
 
 # ---------------------------------------------------------------------------------------- building models
@@ -353,7 +475,13 @@ MODEL_CLASSES = {"stage_c": StageC, "stage_b": StageB, "stage_a": StageA, "effne
 
 
 def build_model(kind: str, config, state: dict, *, source: str, device=None) -> nn.Module:
-    """Instantiate on the meta device and assign `state` (official names) into it, with clear errors."""
+    """Instantiate on the meta device and assign `state` (official names) into it, with clear errors. The config
+    is validated (types, ranges, the blocks it implies against the file's tensors) before anything is built."""
+    try:
+        validate_config(config)
+        check_structure(config, state)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: the {KIND_NAMES[kind]} config is not valid: {e}") from None
     with torch.device("meta"):
         model = MODEL_CLASSES[kind](config)
     expected = model.state_dict()
@@ -378,6 +506,18 @@ def build_model(kind: str, config, state: dict, *, source: str, device=None) -> 
     return model.eval().requires_grad_(False)
 
 
+def _config_or_error(make, source, kind: str):
+    """`make()`'s config, or one CheckpointError saying why the file's config or tensors give none."""
+    try:
+        return make()
+    except KeyError as e:
+        problem = f"{_show(e.args[0])} is missing or unknown"
+    except (StopIteration, IndexError, ValueError, TypeError, AttributeError) as e:
+        problem = f"{type(e).__name__}: {_show(str(e), 300)}"
+    raise CheckpointError(f"{source}: cannot work out the {KIND_NAMES[kind]} layout ({problem}); the file is "
+                          f"incomplete, not a Stable Cascade checkpoint, or its config is wrong.")
+
+
 def load_official(path: PathLike, kind: Optional[str] = None, *, dtype=None, device=None, config=None) -> nn.Module:
     """Load an official single-file checkpoint; `kind` (e.g. "stage_c") is checked against the file's content."""
     state, metadata = read_state_dict(path, dtype)
@@ -388,12 +528,7 @@ def load_official(path: PathLike, kind: Optional[str] = None, *, dtype=None, dev
     if any(k.endswith(("to_q.weight", "to_out.0.weight")) for k in state) or "vquantizer.embedding.weight" in state:
         state = diffusers_to_official(state, found)
     if config is None:
-        try:
-            config = infer_config(state, found, metadata)
-        except (KeyError, StopIteration, IndexError, ValueError) as e:
-            raise CheckpointError(f"{path}: cannot work out the {KIND_NAMES[found]} layout from its tensors "
-                                  f"({type(e).__name__}: {e}); the file is incomplete or not an official checkpoint."
-                                  ) from None
+        config = _config_or_error(lambda: infer_config(state, found, metadata), path, found)
     return build_model(found, config, state, source=str(path), device=device)
 
 
@@ -407,8 +542,49 @@ def load_controlnet(path: PathLike, *, dtype=None, device=None,
         what = KIND_NAMES.get(found, "nothing recognisable")
         raise CheckpointError(f"{path} holds {what}, not a ControlNet (expected keys 'backbone.*' and "
                               "'projections.N.0.weight'). Check which file you passed.")
-    config = infer_controlnet_config(state, metadata, proj_blocks)
+    config = _config_or_error(lambda: infer_controlnet_config(state, metadata, proj_blocks), path, "controlnet")
     return build_model("controlnet", config, state, source=str(path), device=device)
+
+
+MAX_JSON_BYTES = 16 * 2**20  # config.json, index.json and model.json are kilobytes
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A small JSON file that must hold an object (config.json, an index, model.json); CheckpointError otherwise."""
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(f"{path.stat().st_size} bytes, over {MAX_JSON_BYTES}")
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable {what} ({_show(str(e), 200)}); restore or re-download "
+                              "it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: a {what} is a JSON object, this file holds a {type(data).__name__}")
+    return data
+
+
+def read_bundle_manifest(path: Path) -> dict:
+    """A model bundle's model.json (see pipeline.load_pipeline), checked: sizes and numbers in range, part files
+    inside the bundle."""
+    manifest = read_json_object(path, "model bundle manifest")
+    problems = []
+    size = manifest.get("native_size")
+    if not isinstance(size, int) or isinstance(size, bool) or not 8 <= size <= 16384 or size % 8:
+        problems.append(f"native_size={_show(size)} (expected a multiple of 8 from 8 to 16384)")
+    shifts = manifest.get("shifts")
+    if not (isinstance(shifts, list) and len(shifts) == 2 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e3 for v in shifts)):
+        problems.append(f"shifts={_show(shifts)} (expected two positive numbers: Stage C's and Stage B's)")
+    guidance = manifest.get("decoder_guidance")
+    if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < 1e3:
+        problems.append(f"decoder_guidance={_show(guidance)} (expected a number >= 0)")
+    for part in ("effnet", "previewer"):
+        name = manifest.get(part)
+        if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+            problems.append(f"{part}={_show(name)} (expected a file name inside the bundle)")
+    if problems:
+        raise CheckpointError(f"{path} is not a valid model bundle manifest: {'; '.join(problems)}")
+    return manifest
 
 
 def _diffusers_weight_files(folder: Path, variant: Optional[str]) -> list[Path]:
@@ -420,8 +596,13 @@ def _diffusers_weight_files(folder: Path, variant: Optional[str]) -> list[Path]:
             return [single]
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
+            weight_map = read_json_object(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map or not all(
+                    isinstance(v, str) and v == Path(v).name and v.endswith(".safetensors")
+                    for v in weight_map.values()):
+                raise CheckpointError(f"{index}: its \"weight_map\" must map tensor names to .safetensors file "
+                                      "names in the same folder; download the model again")
+            return [folder / s for s in sorted(set(weight_map.values()))]
     pickles = [p.name for p in folder.glob("*.bin")]
     hint = f" (found pickle weights {pickles}, which are refused)" if pickles else ""
     raise CheckpointError(f"no safetensors weights in {folder}{hint}. Expected diffusion_pytorch_model.safetensors.")
@@ -434,7 +615,7 @@ def load_diffusers(folder: PathLike, kind: str, *, dtype=None, device=None, vari
     if not cfg_path.is_file():
         raise CheckpointError(f"{folder} has no config.json; expected a diffusers model folder for "
                               f"{KIND_NAMES[kind]}.")
-    raw = json.loads(cfg_path.read_text())
+    raw = read_json_object(cfg_path, "diffusers config")
     found = {"StableCascadeUNet": "stage_c" if raw.get("clip_text_in_channels") else "stage_b",
              "PaellaVQModel": "stage_a"}.get(raw.get("_class_name"))
     if found != kind:
@@ -443,8 +624,8 @@ def load_diffusers(folder: PathLike, kind: str, *, dtype=None, device=None, vari
     state = {}
     for file in _diffusers_weight_files(folder, variant):
         state.update(read_state_dict(file, dtype)[0])
-    return build_model(kind, config_from_diffusers(raw, kind), diffusers_to_official(state, kind),
-                       source=str(folder), device=device)
+    config = _config_or_error(lambda: config_from_diffusers(raw, kind), cfg_path, kind)
+    return build_model(kind, config, diffusers_to_official(state, kind), source=str(folder), device=device)
 
 
 def load_component(path: PathLike, kind: str, *, dtype=None, device=None) -> nn.Module:

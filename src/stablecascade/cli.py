@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -162,9 +163,12 @@ def _lora_spec(spec: str) -> tuple[str, float]:
     path, sep, scale = spec.rpartition(":")
     if sep and path and not Path(spec).exists():
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
             raise InputError(f"--lora {spec!r}: the scale after ':' must be a number") from None
+        if not math.isfinite(value):
+            raise InputError(f"--lora {spec!r}: the scale after ':' must be a finite number")
+        return path, value
     return spec, 1.0
 
 
@@ -407,11 +411,14 @@ class _Parser(argparse.ArgumentParser):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
+    previous = limits.current()  # restored on return: main() may run inside a longer-lived process (tests)
     try:
         configured = limits.from_args(args)
         if configured is not None:
             limits.set_current(configured)
             _check_limits_before_loading(args, configured)
+        for spec in getattr(args, "lora", []):  # a bad scale fails before the models load
+            _lora_spec(spec)
         for option, folder in (("--out", getattr(args, "out", None)), ("--previews", getattr(args, "previews", None))):
             if folder:  # before loading anything, so that no work is lost
                 _check_output_folder(Path(folder), option)
@@ -422,6 +429,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        limits.set_current(previous)
 
 
 if __name__ == "__main__":

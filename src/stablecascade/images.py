@@ -129,7 +129,7 @@ def open_image(source: Union[str, Path, BinaryIO], *, max_pixels: int, name: str
     except ValueError as e:  # Pillow refuses an oversized text chunk while reading the header
         raise InputError(f"{name}: cannot read the image ({e}); send a {accepted} file without huge "
                          "metadata") from None
-    except (OSError, SyntaxError) as e:
+    except (OSError, SyntaxError):
         raise InputError(f"{name}: cannot read it as an image: not a {accepted} file, or a corrupt one") from None
     with image:
         if formats and image.format not in formats:

@@ -8,7 +8,6 @@ Stage C latent, then Stage A decoding).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import secrets
@@ -205,8 +204,10 @@ class StableCascadePipeline:
                     latents = sampling_module.sample(denoise, x, steps, sampler=run.sampling, shift=shift, t_start=t_start,
                                               generator=run.generator,
                                               callback=self._on_step(stage, steps, run, bar))
-                if model.dtype != torch.float16 or torch.isfinite(latents).all():
+                if latents.device.type == "meta" or torch.isfinite(latents).all():  # meta: shape-only runs
                     return latents
+                if model.dtype != torch.float16:
+                    self._fail_nonfinite(name)
                 warnings.warn(f"{name} overflowed in float16 (its result has inf/NaN values); sampling it again in "
                               "float32, which needs twice its weight memory. Use dtype=torch.bfloat16 (--dtype bf16) "
                               "or float32 to avoid this.", RuntimeWarning, stacklevel=3)
@@ -230,6 +231,13 @@ class StableCascadePipeline:
     def _shifts(self, sampler: str) -> tuple[float, float]:
         """(Stage C, Stage B) schedule shifts: the models' own for the GDF samplers, none for "diffusers"."""
         return self.official_shifts if sampling_module.get(sampler).model_shifts else (1.0, 1.0)
+
+    def _fail_nonfinite(self, name: str) -> None:
+        """Fail, naming the likely cause, instead of decoding NaN latents into a silent black picture."""
+        cause = f"the LoRAs {sorted(self.loras)} at scales {list(self.loras.values())}" if self.loras else \
+            "its weights (a broken or wrongly converted file)"
+        raise CheckpointError(f"{name} produced NaN or infinite latents; the likely cause is {cause}. Check "
+                              "the files, or lower the LoRA scales.")
 
     def _noise(self, shape, run: _Run) -> torch.Tensor:
         return sampling_module.randn(shape, run.generator, device=self.device)
@@ -619,9 +627,9 @@ def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
 
 def _from_pretrained(cls, path, dtype):
     try:
-        return cls.from_pretrained(str(path), dtype=dtype)
+        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle .bin
     except TypeError:  # transformers < 4.56 names it torch_dtype
-        return cls.from_pretrained(str(path), torch_dtype=dtype)
+        return cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
 
 
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
@@ -684,7 +692,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     if bundle is not None:
         from .models.effnet import load_nano_encoder
 
-        manifest = json.loads((bundle / "model.json").read_text())
+        manifest = checkpoints.read_bundle_manifest(bundle / "model.json")
         prior = bundle / "prior"
         model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
                               decoder_guidance=manifest["decoder_guidance"], prompt_examples=manifest.get("examples"))

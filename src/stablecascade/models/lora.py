@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -151,6 +152,15 @@ def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str
     return targets
 
 
+MAX_DELTA = 1e3  # bound on |scale·up@down|: real LoRAs change weights by ~0.01; more is a broken file
+
+
+def _check_finite_scale(scale) -> float:
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise InputError(f"a LoRA scale must be a finite number, got {scale!r}")
+    return float(scale)
+
+
 def check_layer(d: LayerDelta, model: nn.Module, source: str) -> None:
     """Raise CheckpointError naming `source` and the layer's key unless `d` fits `model`."""
     where = f"{source}: {d.key!r}"
@@ -158,6 +168,13 @@ def check_layer(d: LayerDelta, model: nn.Module, source: str) -> None:
             or any(s != 1 for s in d.up.shape[2:]) or d.rank == 0:
         raise CheckpointError(f"{where} has inconsistent LoRA shapes: down {tuple(d.down.shape)}, up "
                               f"{tuple(d.up.shape)} (expected (r, in[, k, k]) and (out, r[, 1, 1]))")
+    if not (math.isfinite(d.scale) and torch.isfinite(d.down).all() and torch.isfinite(d.up).all()):
+        raise CheckpointError(f"{where} holds NaN or infinite values (or its alpha is one); the file is broken: "
+                              "re-download or re-train it")
+    bound = float(d.up.abs().max()) * float(d.down.abs().max()) * d.rank * abs(d.scale)
+    if bound > MAX_DELTA:
+        raise CheckpointError(f"{where} can change weights by up to {bound:.3g} (real LoRAs: ~0.01); the file is "
+                              "broken: re-download or re-train it")
     weight = getattr(model.get_submodule(d.module), d.param)
     want = tuple(weight.shape) if d.rows is None else (d.rows[1] - d.rows[0], *weight.shape[1:])
     if d.shape != want:
@@ -257,13 +274,15 @@ class LoRAManager:
             raise InputError(f"{lora.source} changes the text encoder, but this LoRAManager has none")
         for d in lora.layers:  # a LoRA read against another model must not half-apply
             check_layer(d, self._model(d.model), lora.source)
-        self.loras[name], self.scales[name] = lora, float(scale)
+        if not all(torch.isfinite(t.vector).all() for t in lora.tokens):
+            raise CheckpointError(f"{lora.source}: a token embedding holds NaN or infinite values; the file is broken")
+        self.loras[name], self.scales[name] = lora, _check_finite_scale(scale)
         self._refresh()
         return name
 
     def set_scale(self, name: str, scale: float) -> None:
         self._get(name)
-        self.scales[name] = float(scale)
+        self.scales[name] = _check_finite_scale(scale)
         if self.mode == "adapter":  # layers read the scale live; only token rows need rebuilding
             if self.loras[name].tokens:
                 self._restore_tokens()
