@@ -232,6 +232,8 @@ def test_an_error_keeps_earlier_results_and_tabs_the_model_cannot_run_are_disabl
 
 def test_api_docs_render_offline_in_the_browser(ui, browser):
     demo, url, out = ui
+    named = {fn.api_name for fn in demo.fns.values()}
+    assert {"txt2img", "variation", "img2img", "controlnet", "lora", "cancel"} <= named  # not /run, /run_1...
     page = browser.new_page()
     outside = local_only(page, url)
     page.goto(url + "docs")
