@@ -25,6 +25,8 @@ from . import sampling as sampling_module
 from . import offload as offload_module
 from .conditioning import ImageEncoder, TextEncoder
 from .errors import CheckpointError, InputError, UnsupportedError
+from .geometry import (COMPRESSION, EFFNET_FACTOR, STAGE_A_FACTOR, check_compression as _check_compression,
+                       default_size, latent_sizes, round8)
 from .images import load_image, resize, to_pil
 from .models.lora import LoRAManager, read_lora
 from .sampling import StepCallback, StepEvent
@@ -32,9 +34,6 @@ from .settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 
 log = logging.getLogger(__name__)
 
-COMPRESSION = DEFAULTS.compression  # image pixels per Stage C latent cell (1024 px -> 24 cells); ComfyUI users like ~32
-STAGE_A_FACTOR = 4  # image pixels per Stage B latent cell
-EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
 RELEASED_CLIP_IMG = 768  # embedding width of the released CLIP ViT-L image encoder
 PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
 DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
@@ -43,12 +42,6 @@ NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by script
 Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 PreviewCallback = Callable[[int, torch.Tensor], None]
-
-
-def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(Stage C latent h, w), (Stage B latent h, w) for an output size, as the official notebooks size them."""
-    return ((math.ceil(height / compression), math.ceil(width / compression)),
-            (height // STAGE_A_FACTOR, width // STAGE_A_FACTOR))
 
 
 @dataclass
@@ -588,25 +581,6 @@ def _seeds(seed, batch: int) -> list:
     return seeds
 
 
-def _check_compression(compression) -> float:
-    if not isinstance(compression, (int, float)) or not 8 <= compression <= 128:
-        raise InputError(f"compression must be a number between 8 and 128 (default {COMPRESSION}), got {compression!r}")
-    return float(compression)
-
-
-def round8(v: float) -> int:
-    """The nearest multiple of 8 (at least 8)."""
-    return max(8, int(round(v / 8)) * 8)
-
-
-def default_size(width: int, height: int, max_area: int = 1024 * 1024) -> tuple[int, int]:
-    """An input image's size, scaled down to at most `max_area` pixels, in multiples of 8."""
-    scale = min(1.0, math.sqrt(max_area / (width * height)))
-    if scale == 1.0:
-        return round8(width), round8(height)
-    return max(8, int(width * scale) // 8 * 8), max(8, int(height * scale) // 8 * 8)  # floor keeps the area cap
-
-
 # ---------------------------------------------------------------------------------------------- loading
 def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
     """Map a prior/decoder source to {component: path}. Components: see PRIOR_KEYS / DECODER_KEYS."""
@@ -679,9 +653,27 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bfloat16 on GPUs that compute in it natively (compute capability 8.0, Ampere, and later: older ones emulate
+    it slowly, though `torch.cuda.is_bf16_supported()` says yes), else float32."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
+
+
+def check_device(device) -> torch.device:
+    """The device, or a clear error when it does not exist here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use e.g. 'cuda', 'cuda:1' or 'cpu'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was asked for, but PyTorch finds no usable CUDA GPU here (no "
+                             "GPU, a driver older than this PyTorch build, or a CPU-only build); use device 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
 
 
 def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
@@ -706,7 +698,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     offload_module.check_mode(offload)
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     load_device = torch.device("cpu") if offload else device
     model_defaults = {}  # what a bundle's model.json sets; the constructor's defaults are the released models'

@@ -216,7 +216,8 @@ def _euler(i, steps, x, x0, sigmas, lams, noise, memory):
 
 
 def _euler_ancestral(i, steps, x, x0, sigmas, lams, noise, memory):
-    """Step down to σ_down deterministically, then add fresh noise of std σ_up (σ_down² + σ_up² = σ_next²)."""
+    """Step down to σ_down deterministically, then add fresh noise of std σ_up (σ_down² + σ_up² = σ_next²). With
+    this η = 1 split it is the DDPM posterior step written in σ; it differs from "official" only in rounding."""
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
     sigma_up = torch.minimum(sigma_next, (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2).sqrt())
     sigma_down = (sigma_next**2 - sigma_up**2).sqrt()

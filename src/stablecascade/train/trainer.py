@@ -25,7 +25,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .. import checkpoints, configs, diffusion
+from .. import checkpoints, configs, diffusion, sampling
+from ..geometry import EFFNET_FACTOR, latent_sizes
+from ..settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 from ..models import StageA, StageB, StageC
 from . import data as data_mod
 from .config import TrainConfig
@@ -679,10 +681,20 @@ class Trainer:
         save_grid(grid, nrow, path)
         return path
 
+    def sampling_shift(self) -> float:
+        """The schedule shift the trained model samples at (previews, and what `export` records): the released
+        models' inference shift for its stage times the training shift (released Stage C: 2 x 1, Stage B: 1 x 1;
+        nano Stage B: 1 x 4)."""
+        return RELEASED_SHIFTS[1 if self.cfg.task == "b" else 0] * self.cfg.noise_shift
+
+    def _guided(self, model, cond, uncond, scale):
+        return sampling.GuidedDenoiser(model, cond, uncond, scale, sampling.get("official").rho, precompute=False,
+                                       context=lambda: self.autocast)
+
     def sample_c(self, prompts, size, gen, model=None, steps=None, cfg_scale=None):
+        """Stage C latents for the prompts with the official sampler at the inference shift."""
         model = model or self.trained
         n, dev = len(prompts), self.device
-        hw = self.effnet(torch.zeros(1, 3, size, size, device=dev)).shape[1:]
         if self.cfg.task == "lora":
             text, pooled = model.encode(prompts, dev)
             neg_text, neg_pooled = model.encode([""] * n, dev)
@@ -693,67 +705,44 @@ class Trainer:
             stage = self.stage_c if self.cfg.task == "controlnet" else model
         img = torch.zeros(n, 1, self.stage_c.config.c_clip_img, device=dev)
         scale = self.cfg.sample_cfg if cfg_scale is None else cfg_scale
-
-        def denoise(x, r):
-            both = dict(clip_text=torch.cat([text, neg_text]), clip_text_pooled=torch.cat([pooled, neg_pooled]),
-                        clip_img=torch.cat([img, img]))
-            with self.autocast:
-                p = stage(torch.cat([x, x]), torch.cat([r, r]), **both).float()
-            pc, pu = p.chunk(2)
-            pred = diffusion.guidance(pc, pu, scale)
-            if self.cfg.target == "v":  # the sampler expects ε
-                return diffusion.undiffuse(x, _lam_from_r(r), pred, "v")[1]
-            return pred
-
-        x = torch.randn((n, *hw), generator=gen).to(dev)
-        return diffusion.sample(denoise, x, steps or self.cfg.sample_steps, generator=gen)
+        denoise = self._guided(stage, dict(clip_text=text, clip_text_pooled=pooled, clip_img=img),
+                               dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=img), scale)
+        (hc, wc), _ = latent_sizes(size, size, EFFNET_FACTOR)
+        x = sampling.randn((n, self.stage_c.config.c_out, hc, wc), gen, device=dev)
+        return sampling.sample(denoise, x, steps or self.cfg.sample_steps, shift=self.sampling_shift(),
+                               target=self.cfg.target, generator=gen)
 
     def decode_c(self, latents, prompts, gen):
         if self.previewer is not None:
             return self.previewer(latents).float().clamp(0, 1).cpu()
         if self.stage_b is not None and self.stage_a is not None:
-            _, pooled = self._text(prompts)
-            return decode_b(self.stage_b, self.stage_a, latents, pooled, self._text([""] * len(prompts))[1],
-                            latents.shape[-1] * 32, gen, self.device)
+            h, w = (side * EFFNET_FACTOR for side in latents.shape[-2:])
+            return self._stage_b_images(self.stage_b, latents, prompts, gen, h, w, RELEASED_SHIFTS[1], "eps")
         lat = latents[:, :3].float()
         lo, hi = lat.amin(dim=(1, 2, 3), keepdim=True), lat.amax(dim=(1, 2, 3), keepdim=True)
         return ((lat - lo) / (hi - lo + 1e-6)).cpu()
 
     def reconstruct(self, images, captions, gen):
-        effnet = self.effnet(images)
-        _, pooled = self._text(captions)
-        _, neg = self._text([""] * len(captions))
-        return decode_b(self.trained, self.stage_a, effnet, pooled, neg, images.shape[-1], gen, self.device,
-                        height=images.shape[-2], shift=self.cfg.noise_shift)
+        return self._stage_b_images(self.trained, self.effnet(images), captions, gen, *images.shape[-2:],
+                                    self.sampling_shift(), self.cfg.target)
 
-
-def _lam_from_r(r):
-    ab = diffusion.alpha_bar(r)
-    return torch.log(ab / (1 - ab))
+    def _stage_b_images(self, stage_b, effnet, prompts, gen, height, width, shift, target):
+        """Stage B sampling with the official sampler and settings (guidance 1.1, 10 steps) and Stage A decoding
+        -> images in [0, 1]."""
+        _, pooled = self._text(prompts)
+        _, neg_pooled = self._text([""] * len(prompts))
+        denoise = self._guided(stage_b, dict(effnet=effnet, clip=pooled),
+                               dict(effnet=torch.zeros_like(effnet), clip=neg_pooled), RELEASED_DECODER_GUIDANCE)
+        _, (hb, wb) = latent_sizes(height, width)
+        x = sampling.randn((len(prompts), stage_b.config.c_out, hb, wb), gen, device=self.device)
+        latents = sampling.sample(denoise, x, DEFAULTS.decoder_steps, shift=shift, target=target, generator=gen)
+        return self.stage_a.decode(latents).float().clamp(0, 1).cpu()
 
 
 def _strip_checkpointing(model: nn.Module) -> nn.Module:
     for m in model.modules():
         m.__dict__.pop("forward", None)
     return model
-
-
-@torch.no_grad()
-def decode_b(stage_b, stage_a, effnet, pooled, neg_pooled, width, gen, device, *, height=None, steps=10,
-             cfg_scale=1.1, shift=1.0):
-    """Stage B sampling (10 steps, cfg 1.1, as the notebooks) and Stage A decoding -> images in [0, 1]."""
-    height = height or width
-    n = effnet.shape[0]
-    x = torch.randn((n, stage_b.config.c_out, height // 4, width // 4), generator=gen).to(device)
-
-    def denoise(x, r):
-        both = dict(effnet=torch.cat([effnet, torch.zeros_like(effnet)]), clip=torch.cat([pooled, neg_pooled]))
-        p = stage_b(torch.cat([x, x]), torch.cat([r, r]), **both).float()
-        pc, pu = p.chunk(2)
-        return diffusion.guidance(pc, pu, cfg_scale)
-
-    latents = diffusion.sample(denoise, x, steps, shift=shift, generator=gen)
-    return stage_a.decode(latents).float().clamp(0, 1).cpu()
 
 
 def save_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
