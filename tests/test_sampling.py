@@ -93,3 +93,44 @@ def test_step_events_of_img2img_count_its_steps(pipe):
     pipe.img2img(Image.new("RGB", (64, 64), (200, 30, 30)), "a cat", strength=0.5, seed=0,
                  step_callback=events.append, **{**FAST, "prior_steps": 4})
     assert [(e.stage, e.step, e.total) for e in events if e.stage == "prior"] == [("prior", 1, 2), ("prior", 2, 2)]
+
+
+def test_cuda_without_a_gpu_is_one_clear_error(tiny, capsys):
+    from stablecascade import cli, load_pipeline
+    from stablecascade.errors import InputError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")  # the GPU check script covers machines with one
+    with pytest.raises(InputError, match="no usable CUDA GPU"):
+        load_pipeline(tiny.prior, tiny.decoder, device="cuda")
+    assert cli.main(["generate", "a cat", "--prior", str(tiny.prior), "--decoder", str(tiny.decoder),
+                     "--device", "cuda"]) == 2
+    assert "no usable CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
+        load_pipeline(tiny.prior, tiny.decoder, device="gpu0")
+
+
+def test_default_dtype_is_float32_off_gpu():
+    from stablecascade.pipeline import default_dtype
+
+    assert default_dtype(torch.device("cpu")) == torch.float32
+    assert default_dtype(torch.device("meta")) == torch.float32
+
+
+@pytest.mark.parametrize(("height", "width"), [(768, 1024), (1024, 768), (300, 301), (224, 500), (517, 333)])
+def test_clip_preprocessing_matches_torchvision(height, width):
+    from torchvision import transforms
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from stablecascade.conditioning import CLIP_MEAN, CLIP_STD, ImageEncoder
+
+    config = CLIPVisionConfig(image_size=224, patch_size=32, hidden_size=32, intermediate_size=37,
+                              num_hidden_layers=1, num_attention_heads=4, projection_dim=8)
+    torch.manual_seed(0)
+    encoder = ImageEncoder(CLIPVisionModelWithProjection(config))
+    images = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(1))
+    reference = transforms.Compose([
+        transforms.Resize(224, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+        transforms.CenterCrop(224), transforms.Normalize(CLIP_MEAN, CLIP_STD)])
+    want = encoder.model(pixel_values=reference(images)).image_embeds.unsqueeze(1)
+    torch.testing.assert_close(encoder(images), want, rtol=0, atol=1e-5)

@@ -232,6 +232,8 @@ def test_an_error_keeps_earlier_results_and_tabs_the_model_cannot_run_are_disabl
 
 def test_api_docs_render_offline_in_the_browser(ui, browser):
     demo, url, out = ui
+    named = {fn.api_name for fn in demo.fns.values()}
+    assert {"txt2img", "variation", "img2img", "controlnet", "lora", "cancel"} <= named  # not /run, /run_1...
     page = browser.new_page()
     outside = local_only(page, url)
     page.goto(url + "docs")
@@ -243,3 +245,23 @@ def test_api_docs_render_offline_in_the_browser(ui, browser):
     # ReDoc asks for a web font and its own logo from the internet, and renders without them; nothing else leaves
     assert [u for u in outside if not u.startswith(("https://fonts.googleapis.com/", "https://cdn.redoc.ly/"))] == []
     page.close()
+
+
+def test_the_status_line_says_how_many_jobs_are_ahead_and_how_far_the_running_one_is(pipe, tmp_path):
+    import re
+
+    from stablecascade.jobs import Worker
+
+    with Worker(pipe) as worker:
+        ui = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
+        slow = dict(prompt="a fox", width=64, height=64, prior_steps=200, decoder_steps=1, seed=1)
+        running = worker.submit("txt2img", slow)
+        deadline = time.monotonic() + 30
+        while running.progress.get("step", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second, third = worker.submit("txt2img", slow), worker.submit("txt2img", slow)
+        assert ui._status(second) == "Queued: 1 ahead." and ui._status(third) == "Queued: 2 ahead."
+        assert re.fullmatch(r"Stage C step \d+ / 200 \(\d+ %, about \d+ s left\)…", ui._status(running))
+        for job in (third, second, running):
+            worker.cancel(job.id)
+        assert running.wait(30) and running.status == "cancelled"

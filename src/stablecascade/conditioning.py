@@ -72,8 +72,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageEncoder:
-    """`CLIPVisionModelWithProjection` (ViT-L/14 in the releases) with the official preprocessing: shorter side
-    resized to the model's input size (bicubic, antialiased), centre crop, CLIP normalisation."""
+    """`CLIPVisionModelWithProjection` (ViT-L/14 in the releases) with the official preprocessing: torchvision's
+    Resize of the shorter side to the model's input size (bicubic, antialiased), CenterCrop, CLIP normalisation."""
 
     def __init__(self, model):
         self.model = model.eval().requires_grad_(False)
@@ -85,10 +85,10 @@ class ImageEncoder:
         import torch.nn.functional as F
 
         h, w = images.shape[-2:]
-        scale = self.size / min(h, w)
-        size = (max(self.size, round(h * scale)), max(self.size, round(w * scale)))
+        # as torchvision's Resize(size) + CenterCrop(size): the long side truncated, the crop offset rounded
+        size = (self.size, int(self.size * w / h)) if h <= w else (int(self.size * h / w), self.size)
         x = F.interpolate(images.float(), size, mode="bicubic", antialias=True, align_corners=False)
-        top, left = (x.shape[-2] - self.size) // 2, (x.shape[-1] - self.size) // 2
+        top, left = (int(round((side - self.size) / 2)) for side in x.shape[-2:])
         x = x[..., top:top + self.size, left:left + self.size]
         mean = torch.tensor(CLIP_MEAN, device=x.device)[:, None, None]
         std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]

@@ -13,7 +13,7 @@ EFFNET_FACTOR = 32  # EfficientNet input pixels per Stage C latent cell
 
 
 def latent_sizes(height: int, width: int, compression: float = COMPRESSION) -> tuple[tuple[int, int], tuple[int, int]]:
-    """(Stage C latent h, w), (Stage B latent h, w) for an output size (`official-spec.md` §5)."""
+    """(Stage C latent h, w), (Stage B latent h, w) for an output size, as the official notebooks size them."""
     return ((math.ceil(height / compression), math.ceil(width / compression)),
             (height // STAGE_A_FACTOR, width // STAGE_A_FACTOR))
 

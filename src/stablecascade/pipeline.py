@@ -657,9 +657,27 @@ def default_device() -> torch.device:
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    """bfloat16 on GPUs that compute in it natively (compute capability 8.0, Ampere, and later: older ones emulate
+    it slowly, though `torch.cuda.is_bf16_supported()` says yes), else float32."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
         return torch.bfloat16
     return torch.float32
+
+
+def check_device(device) -> torch.device:
+    """The device, or a clear error when it does not exist here."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use e.g. 'cuda', 'cuda:1' or 'cpu'") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(device)!r} was asked for, but PyTorch finds no usable CUDA GPU here (no "
+                             "GPU, a driver older than this PyTorch build, or a CPU-only build); use device 'cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(device)!r} does not exist: this machine has "
+                             f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
 
 
 def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
@@ -684,7 +702,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     offload_module.check_mode(offload)
     if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     load_device = torch.device("cpu") if offload else device
     model_defaults = {}  # what a bundle's model.json sets; the constructor's defaults are the released models'

@@ -301,16 +301,16 @@ class WebUI:
         return "txt2img", dict(prompt=v["prompt"], **self._options(v)), tuple((p, float(v["scale"])) for p in paths)
 
     # ------------------------------------------------------------------------------------ generation
-    def _status(self, job, total: dict) -> str:
+    def _status(self, job) -> str:
+        """Where the job is: its place in the worker's queue, or the stage, step, percent and time left."""
         if job.status == "queued":
-            ahead = self.worker.position(job) or 0
+            ahead = (self.worker.position(job) or 0) + (self.worker.running is not None)
             return f"Queued: {ahead} ahead." if ahead else "Starting…"
-        stage = job.progress.get("stage")
-        if stage is None:
+        p = job.progress
+        if p.get("stage") is None:
             return "Encoding the prompt…"
-        step, steps = job.progress.get("step", 0), job.progress.get("total") or total.get(stage)
-        of = f" / {steps}" if steps else ""
-        return f"{STAGE_NAMES[stage]} step {step}{of}…"
+        eta = f", about {p['eta']:.0f} s left" if p.get("eta") is not None else ""
+        return f"{STAGE_NAMES[p['stage']]} step {p['step']} / {p['total']} ({p['percent']:.0f} %{eta})…"
 
     def _error(self, message: str) -> dict:
         """An update showing an error in the status line (and a toast), leaving the earlier results in place."""
@@ -327,14 +327,13 @@ class WebUI:
             return
         session = getattr(request, "session_hash", None)
         self._session_jobs[session] = job.id
-        total = {"prior": kwargs["prior_steps"] if mode != "img2img" else None, "decoder": kwargs["decoder_steps"]}
         started = time.monotonic()
         try:
-            yield {seed_box: kwargs["seed"], self._status_box: self._status(job, total)}
+            yield {seed_box: kwargs["seed"], self._status_box: self._status(job)}
             version, shown = -1, None
             while not job.done:
                 version = job.wait_for_change(version, timeout=1.0)
-                update = {self._status_box: self._status(job, total)}
+                update = {self._status_box: self._status(job)}
                 if job.preview is not None and job.preview is not shown:
                     shown = job.preview
                     update[self._preview_box] = enlarge(shown)
