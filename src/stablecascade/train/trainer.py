@@ -641,9 +641,11 @@ class Trainer:
         model = copy.deepcopy(self.trained).cpu()
         _strip_checkpointing(model)
         model.load_state_dict({k: v.cpu() for k, v in model_state.items()})
-        checkpoints.save_official(model, final / f"{name}.safetensors")
+        recorded = sampling.model_metadata(self.cfg.target, self.sampling_shift()) if task != "controlnet" else None
+        checkpoints.save_official(model, final / f"{name}.safetensors", recorded)
         if self.ema is not None:
-            checkpoints.save_official(_strip_checkpointing(copy.deepcopy(self.ema).cpu()), final / f"{name}_ema.safetensors")
+            checkpoints.save_official(_strip_checkpointing(copy.deepcopy(self.ema).cpu()),
+                                      final / f"{name}_ema.safetensors", recorded)
         return final / f"{name}.safetensors"
 
     @torch.no_grad()
