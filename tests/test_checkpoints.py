@@ -1,6 +1,7 @@
 """Checkpoint formats: key mapping vs diffusers, config inference, official file == diffusers folder, dtype and
 memory behaviour of loading, and clear errors for bad files."""
 
+import gzip
 import ast
 import json
 import random
@@ -20,7 +21,7 @@ import oracle  # noqa: E402
 import stablecascade  # noqa: E402
 from stablecascade import CheckpointError, checkpoints, configs  # noqa: E402
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-keys"
+KEYS_DIR = Path(__file__).parent / "data" / "official-keys"  # key names and shapes of the released files (gzip)
 
 
 def _gen(seed):
@@ -106,12 +107,12 @@ def test_infer_config_detects_released_variants(kind, config, tsv):
     with torch.device("meta"):
         model = checkpoints.MODEL_CLASSES[kind](config)
     states = {"ours": {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in model.state_dict().items()}}
-    path = KEYS_DIR / f"{tsv}.tsv"
-    if path.is_file():  # the official key list itself, independent of our module definitions
-        rows = [line.split("\t") for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        states["official"] = {r[0]: torch.empty(ast.literal_eval(r[1]), device="meta",
-                                                dtype=torch.int64 if r[2:] == ["int64"] else torch.float32)
-                              for r in rows}
+    # the official key list itself, independent of our module definitions
+    rows = [line.split("\t") for line in gzip.open(KEYS_DIR / f"{tsv}.tsv.gz", "rt").read().splitlines()
+            if line.strip() and not line.startswith("#")]
+    states["official"] = {r[0]: torch.empty(ast.literal_eval(r[1]), device="meta",
+                                            dtype=torch.int64 if r[2:] == ["int64"] else torch.float32)
+                          for r in rows}
     for source, state in states.items():
         assert checkpoints.detect_kind(state) == kind, source
         assert checkpoints.infer_config(state, kind) == config, source

@@ -1,5 +1,6 @@
 """ControlNets: official key/shape parity, loading, injection into Stage C, and the control filters."""
 
+import gzip
 import ast
 import sys
 from pathlib import Path
@@ -24,16 +25,13 @@ from stablecascade.models.controlnet import (
     CONTROLNET, RELEASED_BLOCKS, ControlNet, ControlNetConfig, controlnet_kind,
 )
 
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-keys"
+KEYS_DIR = Path(__file__).parent / "data" / "official-keys"  # key names and shapes of the released files (gzip)
 TSV = {"canny": "cnet_canny.tsv", "inpaint": "cnet_inpaint.tsv", "sr": "cnet_sr.tsv", "identity": "cnet_identity.tsv"}
 TINY_CALLS = 6  # ResBlock calls of the tiny Stage C: down (1, 2), up (2, 1)
 
 
 def _read_tsv(name):
-    path = KEYS_DIR / name
-    if not path.is_file():
-        pytest.skip(f"official key list {path} is absent")
-    lines = path.read_text().splitlines()
+    lines = gzip.open(KEYS_DIR / f"{name}.gz", "rt").read().splitlines()
     params = next(int(line.split()[-1]) for line in lines if line.startswith("# params"))
     shapes = {}
     for line in lines:

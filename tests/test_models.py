@@ -1,6 +1,7 @@
 """Forward-pass parity of our networks with the diffusers oracle (fp32, eval) and key/shape parity with the
 official module definitions (`official-keys/*.tsv`)."""
 
+import gzip
 import ast
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ from stablecascade import checkpoints, configs  # noqa: E402
 from stablecascade.models import EfficientNetEncoder, Previewer, StageA, StageB, StageC  # noqa: E402
 
 TOL = 1e-5
-KEYS_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official-keys"
+KEYS_DIR = Path(__file__).parent / "data" / "official-keys"  # key names and shapes of the released files (gzip)
 
 
 def _gen(seed):
@@ -218,12 +219,10 @@ def test_previewer_shape():
 
 # ------------------------------------------------------------------------------------ official key lists
 def _tsv(name):
-    path = KEYS_DIR / f"{name}.tsv"
-    if not path.is_file():
-        pytest.skip(f"official key lists not found at {KEYS_DIR} (shared/reference/ beside the repository)")
-    header = [line for line in path.read_text().splitlines() if line.startswith("# params ")]
+    lines = gzip.open(KEYS_DIR / f"{name}.tsv.gz", "rt").read().splitlines()
+    header = [line for line in lines if line.startswith("# params ")]
     rows = {}
-    for line in path.read_text().splitlines():
+    for line in lines:
         if line.startswith("#") or not line.strip():
             continue
         key, shape, *note = line.split("\t")

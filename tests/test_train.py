@@ -252,3 +252,51 @@ def test_shape_dataset_and_detector_agree(tmp_path):
     made = generate(tmp_path, 10)
     assert not {m[:3] for m in made} & heldout()
     assert (tmp_path / "000000.txt").read_text().startswith("a ")
+
+
+def test_v_model_round_trip_through_the_pipeline(tmp_path, folder, tiny, small_parts):
+    """Train a v-prediction Stage C for 2 steps, export it, load it in the pipeline: it is sampled as v (what its
+    file records), which equals an ε sampler driven by a hand-written v -> ε conversion."""
+    import math
+    import warnings
+
+    from stablecascade import diffusion, load_pipeline, sampling
+
+    train(_cfg(tmp_path, folder, steps=2, target="v"))
+    exported = tmp_path / "run" / "final" / "stage_c.safetensors"
+    assert sampling.read_model_metadata(exported) == {"prediction": "v", "shift": 2.0}
+    pipe = load_pipeline({"stage_c": exported, "text_encoder": tiny.prior / "text_encoder",
+                          "tokenizer": tiny.prior / "tokenizer"}, tiny.decoder, device="cpu", dtype=torch.float32,
+                         effnet=small_parts.effnet, previewer=small_parts.previewer)
+    assert pipe.predictions == ("v", "eps") and pipe.official_shifts == (2.0, 1.0)
+    events = []
+    pipe("a picture", seed=3, width=64, height=64, prior_steps=3, decoder_steps=1, progress=False, output_type="pt",
+         step_callback=events.append)
+    got = [e.x0 for e in events if e.stage == "prior"][-1]
+
+    text, pooled = pipe.text_encoder(["a picture"])
+    neg_text, neg_pooled = pipe.text_encoder([""])
+    no_img = torch.zeros(1, 1, pipe.stage_c.config.c_clip_img)
+    guided = sampling.GuidedDenoiser(pipe.stage_c, dict(clip_text=text, clip_text_pooled=pooled, clip_img=no_img),
+                                     dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=no_img), 4.0, 0.7)
+
+    def eps_from_v(x, r):
+        v = guided(x, r)
+        var = torch.cos((r + 0.008) / 1.008 * math.pi / 2) ** 2 / math.cos(0.008 / 1.008 * math.pi / 2) ** 2
+        a, b = var.clamp(1e-4, 0.9999).sqrt().view(-1, 1, 1, 1), (1 - var.clamp(1e-4, 0.9999)).sqrt().view(-1, 1, 1, 1)
+        return b * x + a * v  # ε = b·x + a·v for x = a·x0 + b·ε, v = a·ε − b·x0
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(got.shape, generator=g)
+    want = sampling.sample(eps_from_v, x, 3, shift=2.0, generator=g)
+    assert (got - want).abs().max() / want.abs().max() <= 1e-4
+    g = torch.Generator().manual_seed(3)
+    as_eps = sampling.sample(guided, torch.randn(got.shape, generator=g), 3, shift=2.0, generator=g)
+    assert (got - as_eps).abs().max() / want.abs().max() > 1e-2  # reading v as ε would be visibly wrong
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            pipe("a picture", seed=3, width=64, height=64, prior_steps=1, decoder_steps=1, progress=False,
+                 sampling="diffusers", output_type="pt")
+    assert sum("made for schedule shifts (2.0, 1.0)" in str(w.message) for w in caught) == 1

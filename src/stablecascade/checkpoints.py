@@ -641,9 +641,9 @@ def _kind_of(model: nn.Module) -> str:
     return next(k for k, cls in MODEL_CLASSES.items() if isinstance(model, cls))
 
 
-def save_official(model: nn.Module, path: PathLike) -> None:
-    """Write an official-format single file; our config rides along in the metadata."""
-    meta = {CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(model.config))}
+def save_official(model: nn.Module, path: PathLike, metadata: Optional[dict] = None) -> None:
+    """Write an official-format single file; our config (and `metadata`, strings) ride along in the metadata."""
+    meta = {**(metadata or {}), CONFIG_METADATA_KEY: json.dumps(dataclasses.asdict(model.config))}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(path), metadata=meta)
 

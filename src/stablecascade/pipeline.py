@@ -77,20 +77,27 @@ class StableCascadePipeline:
                  image_encoder: Union[ImageEncoder, Path, None] = None, effnet: Union[torch.nn.Module, Path, None] = None,
                  previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
                  native_size: int = 1024, official_shifts: tuple[float, float] = RELEASED_SHIFTS,
-                 decoder_guidance: float = RELEASED_DECODER_GUIDANCE, prompt_examples: Optional[Sequence[str]] = None):
+                 decoder_guidance: float = RELEASED_DECODER_GUIDANCE, predictions: tuple[str, str] = ("eps", "eps"),
+                 shifts_required: bool = False, prompt_examples: Optional[Sequence[str]] = None):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
         prior was trained at, the default width and height; `official_shifts`: the (Stage C, Stage B) schedule
         shifts the models were made for, used by the GDF samplers (all but "diffusers"); `decoder_guidance`: the
         default Stage B guidance of the GDF samplers (1.1 for the released models, as the official notebooks;
-        "diffusers" defaults to 0 as diffusers' pipeline); `prompt_examples`: prompts the model draws well (None:
+        "diffusers" defaults to 0 as diffusers' pipeline); `predictions`: what (Stage C, Stage B) predict, "eps"
+        (the released models) or "v"; `shifts_required`: the models were made for `official_shifts` (their files
+        say so), so the unshifted "diffusers" sampler warns; `prompt_examples`: prompts the model draws well (None:
         the released models' kind of prompts)."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
         self.official_shifts, self.decoder_guidance = official_shifts, decoder_guidance
         self.prompt_examples = list(prompt_examples) if prompt_examples else None
+        for prediction in predictions:
+            if prediction not in ("eps", "v"):
+                raise CheckpointError(f"unknown prediction target {prediction!r}; models predict 'eps' or 'v'")
+        self.predictions, self.shifts_required, self._warned_shifts = tuple(predictions), shifts_required, False
         for part in self._offloaded_parts():
             if offload == "model":
                 offload_module.move(part, "cpu")
@@ -201,8 +208,9 @@ class StableCascadePipeline:
             states = sampling_module.generator_states(run.generator)
             while True:
                 with tqdm(total=steps, desc=name, disable=not run.progress, leave=False) as bar:
-                    latents = sampling_module.sample(denoise, x, steps, sampler=run.sampling, shift=shift, t_start=t_start,
-                                              generator=run.generator,
+                    latents = sampling_module.sample(denoise, x, steps, sampler=run.sampling, shift=shift,
+                                                     t_start=t_start, target=self.predictions[stage == "decoder"],
+                                                     generator=run.generator,
                                               callback=self._on_step(stage, steps, run, bar))
                 if latents.device.type == "meta" or torch.isfinite(latents).all():  # meta: shape-only runs
                     return latents
@@ -230,7 +238,14 @@ class StableCascadePipeline:
 
     def _shifts(self, sampler: str) -> tuple[float, float]:
         """(Stage C, Stage B) schedule shifts: the models' own for the GDF samplers, none for "diffusers"."""
-        return self.official_shifts if sampling_module.get(sampler).model_shifts else (1.0, 1.0)
+        if sampling_module.get(sampler).model_shifts:
+            return self.official_shifts
+        if self.shifts_required and self.official_shifts != (1.0, 1.0) and not self._warned_shifts:
+            self._warned_shifts = True
+            warnings.warn(f"these models were made for schedule shifts {self.official_shifts} (Stage C, Stage B); "
+                          f"sampler {sampler!r} samples without shifts and will give poor images. Use "
+                          "sampling='official' (or another GDF sampler).", UserWarning, stacklevel=4)
+        return 1.0, 1.0
 
     def _fail_nonfinite(self, name: str) -> None:
         """Fail, naming the likely cause, instead of decoding NaN latents into a silent black picture."""
@@ -713,7 +728,9 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
         manifest = checkpoints.read_bundle_manifest(bundle / "model.json")
         prior = bundle / "prior"
         model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
-                              decoder_guidance=manifest["decoder_guidance"], prompt_examples=manifest.get("examples"))
+                              decoder_guidance=manifest["decoder_guidance"], shifts_required=True,
+                              predictions=tuple(manifest.get("predictions", ("eps", "eps"))),
+                              prompt_examples=manifest.get("examples"))
         effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
         previewer = previewer or bundle / manifest["previewer"]
     bundle = _bundle(decoder)
@@ -727,6 +744,7 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
     if "stage_a" not in decoder_parts:
         decoder_parts["stage_a"] = hub.file(hub.DECODER_REPO, "stage_a.safetensors")
 
+    model_defaults.update(_recorded_settings(prior_parts["stage_c"], decoder_parts["stage_b"], model_defaults))
     stage_c = checkpoints.load_component(prior_parts["stage_c"], "stage_c", dtype=dtype, device=load_device)
     if dtype == torch.float16:
         stage_c.rescale_for_fp16()
@@ -738,6 +756,19 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
                                  image_encoder=prior_parts.get("image_encoder"),
                                  effnet=_part(effnet), previewer=_part(previewer), offload=offload,
                                  **model_defaults)
+
+
+def _recorded_settings(stage_c_path, stage_b_path, defaults: dict) -> dict:
+    """Prediction targets and shifts recorded in the stage files (by our trainer), over the bundle's/released."""
+    recorded = [sampling_module.read_model_metadata(p) for p in (stage_c_path, stage_b_path)]
+    if not any(recorded):
+        return {}
+    shifts = list(defaults.get("official_shifts", RELEASED_SHIFTS))
+    predictions = list(defaults.get("predictions", ("eps", "eps")))
+    for i, found in enumerate(recorded):
+        shifts[i] = found.get("shift", shifts[i])
+        predictions[i] = found.get("prediction", predictions[i])
+    return dict(official_shifts=tuple(shifts), predictions=tuple(predictions), shifts_required=True)
 
 
 def _bundle(source: Source) -> Optional[Path]:

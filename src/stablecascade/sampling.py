@@ -86,6 +86,34 @@ def restore_generators(generator: Generators, states) -> None:
             g.set_state(state)
 
 
+# ------------------------------------------------------------------------------------ settings of a model
+PREDICTION_KEY, SHIFT_KEY = "stablecascade.prediction", "stablecascade.sampling_shift"
+
+
+def model_metadata(prediction: str, shift: float) -> dict:
+    """safetensors metadata recording what a model predicts ("eps" or "v") and the schedule shift it samples at."""
+    return {PREDICTION_KEY: prediction, SHIFT_KEY: repr(float(shift))}
+
+
+def read_model_metadata(path) -> dict:
+    """{"prediction", "shift"} as far as a safetensors file records them ({} for other files)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return {}
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    found = {}
+    if meta.get(PREDICTION_KEY) in ("eps", "v"):
+        found["prediction"] = meta[PREDICTION_KEY]
+    if SHIFT_KEY in meta:
+        found["shift"] = float(meta[SHIFT_KEY])
+    return found
+
+
 # ------------------------------------------------------------------------------------------- guided denoiser
 def _cast(value, dtype):
     """Floating tensors (also inside lists) cast to dtype."""

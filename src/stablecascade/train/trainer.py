@@ -1040,9 +1040,10 @@ class Trainer:
                                   metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
+        recorded = sampling.model_metadata(self.cfg.target, self.sampling_shift()) if task != "controlnet" else None
         for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
             if state is not None:
-                checkpoints.save_official(self._unsharded_copy(state), final / file)
+                checkpoints.save_official(self._unsharded_copy(state), final / file, recorded)
         return final / f"{name}.safetensors"
 
     def _unsharded_copy(self, state: dict) -> nn.Module:
