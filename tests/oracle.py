@@ -320,7 +320,7 @@ def official_vqgan_state_dict(vq: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def released_variants():
-    """The released variants: (component kind, our config, name of its key list in shared/reference/official-keys)."""
+    """The released variants: (component kind, our config, name of its key list in tests/data/official-keys)."""
     from stablecascade import configs
 
     return [
