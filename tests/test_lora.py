@@ -16,20 +16,12 @@ from stablecascade.lora_formats import read_lora, save_lora  # noqa: E402
 from stablecascade.models.lora import LoRAManager, LoRAWeights  # noqa: E402
 from stablecascade.pipeline import _load_text_encoder  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 RANK = 2
 PROMPT = "a photo of a dog in the snow"
 
 
 # ----------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models gain nothing from threads, and on a busy 2-core machine 2 threads are ~20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def base(tiny):
     stage_c = checkpoints.load_diffusers(tiny.prior / "prior", "stage_c")

@@ -12,10 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stablecascade import configs
 from stablecascade.conditioning import TextEncoder
 from stablecascade.lora_formats import read_lora
-from stablecascade.models import StageC
 from stablecascade.models.lora import LoRAManager, official_layer_order
 from stablecascade.pipeline import NANO_DIR
 from stablecascade.train import train
@@ -25,15 +23,10 @@ from stablecascade.train.trainer import LoRAModel, Trainer, load_effnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from nano_token import make_data  # noqa: E402
+from test_train import random_tiny_stage_c  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The nano and tiny models gain nothing from threads; on a busy 2-core machine 2 threads are far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +42,6 @@ def _cfg(tmp_path, data, **kw):
                 resume="never")
     base.update(kw)
     return from_dict(base).validate()
-
-
-def _random_stage_c():
-    torch.manual_seed(3)
-    model = StageC(configs.STAGE_C["tiny"])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
 
 
 # ------------------------------------------------------------------------------------------- the nano model
@@ -89,7 +73,7 @@ def _text_model():
 
 def _lora_model(stage_c=None, te=None, **kw):
     """A LoRAModel on a tiny Stage C and text encoder (the shared tokenizer: only pass new tokens with a copy)."""
-    stage_c = stage_c if stage_c is not None else _random_stage_c()
+    stage_c = stage_c if stage_c is not None else random_tiny_stage_c()
     tokenizer, text_model = te if te is not None else (_tokenizer(), copy.deepcopy(_text_model()))
     cfg = from_dict({"task": "lora", **kw}).validate()
     return LoRAModel(stage_c, text_model, tokenizer, cfg)
@@ -119,7 +103,7 @@ def test_layer_sets_and_the_export_format_are_decided_before_training():
 
 def test_factors_and_token_rows_are_built_on_the_weights_device():
     """Stage C on another device than the CPU (here `meta`): nothing the LoRA adds may stay on the CPU."""
-    stage_c, text_model = _random_stage_c().to("meta"), copy.deepcopy(_text_model()).to("meta")
+    stage_c, text_model = random_tiny_stage_c().to("meta"), copy.deepcopy(_text_model()).to("meta")
     model = _lora_model(stage_c, (copy.deepcopy(_tokenizer()), text_model), lora_layers="all", lora_text_layers="all",
                         train_tokens=[["[new]", "^dog</w>"], ["[blank]", None]])
     tensors = [*model.parameters(), *model.buffers(), *model.init_rows.values(),

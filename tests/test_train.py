@@ -7,7 +7,6 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from stablecascade import checkpoints, configs
 from stablecascade.cli import main as stablecascade_cli
@@ -16,24 +15,7 @@ from stablecascade.train import ConfigError, cli_main, load_config, train
 from stablecascade.train import data as data_mod
 from stablecascade.train.config import from_dict
 from stablecascade.train.trainer import Trainer
-
-
-def _image(seed, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    arr = np.zeros((size[1], size[0], 3), dtype=np.uint8)
-    arr[:] = rng.integers(0, 255, 3)
-    x, y = rng.integers(0, size[0] // 2), rng.integers(0, size[1] // 2)
-    arr[y:y + size[1] // 2, x:x + size[0] // 2] = rng.integers(0, 255, 3)
-    return Image.fromarray(arr)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    for i in range(8):
-        _image(i).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"a picture number {i}")
-    return root
+from conftest import training_image
 
 
 def _cfg(tmp_path, folder, task="c", **kw):
@@ -85,7 +67,7 @@ def test_tar_shards_buckets_and_corrupt_images(tmp_path):
 
         for i, size in enumerate([(96, 48), (48, 96), (64, 64), (96, 48), (48, 96), (64, 64)]):
             buf = io.BytesIO()
-            _image(i, size).save(buf, format="PNG")
+            training_image(i, size).save(buf, format="PNG")
             add(f"{i:05d}.png", buf.getvalue())
             add(f"{i:05d}.txt", f"caption {i}".encode())
         add("bad.png", b"\x89PNG\r\n\x1a\n garbage")
@@ -161,13 +143,18 @@ def test_resume_is_exact(tmp_path, folder):
     assert torch.equal(full.loss_weight.losses, resumed.loss_weight.losses)
 
 
-def _random_stage_c(path):
+def random_tiny_stage_c() -> StageC:
+    """A tiny Stage C with seeded weights large enough for LoRA updates to show."""
     torch.manual_seed(3)
     model = StageC(configs.STAGE_C["tiny"])
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    checkpoints.save_official(model, path)
+    return model
+
+
+def _random_stage_c(path):
+    checkpoints.save_official(random_tiny_stage_c(), path)
     return path
 
 
@@ -178,7 +165,7 @@ def test_lora_with_a_new_token(tmp_path, folder):
     concept = tmp_path / "concept"
     concept.mkdir()
     for i in range(4):
-        _image(i).save(concept / f"{i}.png")
+        training_image(i).save(concept / f"{i}.png")
         (concept / f"{i}.txt").write_text("a [pic] on a wall")
     cfg = _cfg(tmp_path, concept, "lora", stage_c=str(stage_c), steps=3, lr=1e-2, caption_dropout=0.0,
                train_tokens=[["[pic]", "^picture</w>"]])

@@ -4,36 +4,17 @@ read-ahead keeping the checkpointed position exact, the latent/text caches, Tens
 
 import math
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from stablecascade import configs
 from stablecascade.errors import InputError
-from stablecascade.models import StageC
 from stablecascade.train import ConfigError, load_config
 from stablecascade.train import cache as cache_mod
 from stablecascade.train import data as data_mod
 from stablecascade.train.config import from_dict
 from stablecascade.train.trainer import Trainer, lr_factor
-
-
-def _image(seed, size=(64, 64)):
-    rng = np.random.default_rng(seed)
-    arr = np.zeros((size[1], size[0], 3), dtype=np.uint8)
-    arr[:] = rng.integers(0, 255, 3)
-    arr[: size[1] // 2, : size[0] // 2] = rng.integers(0, 255, 3)
-    return Image.fromarray(arr)
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    for i in range(8):
-        _image(i).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"a picture number {i}")
-    return root
+from conftest import training_image
+from test_train import random_tiny_stage_c
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +29,6 @@ def _parts(text, **kw):
     import copy
 
     return {"text": (text[0], copy.deepcopy(text[1])), **kw}
-
-
-def _stage_c():
-    torch.manual_seed(3)
-    model = StageC(configs.STAGE_C["tiny"])
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.05)
-    return model
 
 
 def _cfg(tmp_path, folder, task="c", **kw):
@@ -85,7 +57,7 @@ def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder,
     results = {}
     for ckpt in (False, True):
         cfg = _cfg(tmp_path / str(ckpt), folder, task, gradient_checkpointing=ckpt, **extra)
-        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=random_tiny_stage_c()))
         calls = _count_block_calls(trainer)
         results[ckpt] = (calls, [p.detach().clone() for p in trainer.trained.parameters() if p.requires_grad])
     assert results[True][0] == 2 * results[False][0]  # recomputed in the backward pass
@@ -97,7 +69,7 @@ def test_frozen_models_in_bf16_train_fp32_lora(tmp_path, folder, text):
     losses = {}
     for frozen in ("fp32", "bf16"):
         cfg = _cfg(tmp_path / frozen, folder, "lora", frozen_dtype=frozen, steps=1)
-        trainer = Trainer(cfg, parts=_parts(text, stage_c=_stage_c()))
+        trainer = Trainer(cfg, parts=_parts(text, stage_c=random_tiny_stage_c()))
         losses[frozen] = trainer.train_step()
     frozen_dtypes = {p.dtype for p in trainer.stage_c.parameters() if not p.requires_grad}
     assert frozen_dtypes == {torch.bfloat16}
@@ -152,7 +124,7 @@ def test_kohya_folder_repeats(tmp_path):
         d = tmp_path / sub
         d.mkdir(parents=True)
         for i in range(n):
-            _image(i).save(d / f"{i}.png")
+            training_image(i).save(d / f"{i}.png")
     entries = data_mod.index_sources([str(tmp_path)])
     by_folder = {}
     for e in entries:
@@ -177,7 +149,7 @@ def test_tag_shuffling_keeps_the_first_tags():
 
 def test_automatic_buckets_from_the_data(tmp_path):
     for i, size in enumerate([(96, 48), (96, 48), (64, 64), (40, 80)]):
-        _image(i, size).save(tmp_path / f"{i}.png")
+        training_image(i, size).save(tmp_path / f"{i}.png")
     source = data_mod.ImageSource(data_mod.index_sources([str(tmp_path)]))
     sizes = data_mod.auto_bucket_sizes(source, 256, 128, 512, factor=16)
     assert len(sizes) == 3  # one per aspect ratio in the data

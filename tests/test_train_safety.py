@@ -10,16 +10,7 @@ from stablecascade.errors import CheckpointError
 from stablecascade.train import train
 from stablecascade.train.config import ConfigError, from_dict
 from stablecascade.train.trainer import Trainer
-from test_train import _cfg, _image
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imgs")
-    for i in range(8):
-        _image(i).save(root / f"{i}.png")
-        (root / f"{i}.txt").write_text(f"a picture number {i}")
-    return root
+from test_train import _cfg
 
 
 def test_fsdp2_two_processes_match_one(tmp_path, folder):

@@ -177,30 +177,33 @@ class Sampler:
     stochastic: bool = False  # draws noise at each step
 
 
-def _official(denoise, x, lams, ts, steps, target, noise, callback):
-    """GDF's DDPM sampler; the result is the last step's x0 prediction (its final update is discarded)."""
-    batch = x.shape[0]
-    for i in range(steps):
-        lam = lams[i].expand(batch)
-        x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
-        callback(i, x0)
-        if i < steps - 1:
-            x = diffusion.ddpm_step(x0, eps, lams[i].to(x), lams[i + 1].to(x), noise())
-    return x0
+def _lambda_loop(update):
+    """A sampler stepping in λ: the model's x0 and ε at each level, `update(x0, ε, λ, λ_next, noise)` to the next;
+    the result is the last step's x0 prediction (GDF's final update is discarded)."""
+
+    def run(denoise, x, lams, ts, steps, target, noise, callback):
+        batch = x.shape[0]
+        for i in range(steps):
+            lam = lams[i].expand(batch)
+            x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
+            callback(i, x0)
+            if i < steps - 1:
+                x = update(x0, eps, lams[i].to(x), lams[i + 1].to(x), noise)
+        return x0
+
+    return run
 
 
-def _ddim(denoise, x, lams, ts, steps, target, noise, callback):
-    """DDIM (η = 0) on the same schedule: deterministic, the result is the last x0. In σ = b/a this update is
-    exactly an Euler step, so "ddim" and "euler" agree (DDIM is kept under the name users look for)."""
-    batch = x.shape[0]
-    for i in range(steps):
-        lam = lams[i].expand(batch)
-        x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
-        callback(i, x0)
-        if i < steps - 1:
-            a_next, b_next = diffusion.scales(lams[i + 1].to(x))
-            x = a_next * x0 + b_next * eps
-    return x0
+def _ddpm(x0, eps, lam, lam_next, noise):
+    """GDF's DDPM step (the official sampler)."""
+    return diffusion.ddpm_step(x0, eps, lam, lam_next, noise())
+
+
+def _ddim(x0, eps, lam, lam_next, noise):
+    """DDIM (η = 0): deterministic. In σ = b/a this update is exactly an Euler step, so "ddim" and "euler" agree
+    (DDIM is kept under the name users look for)."""
+    a_next, b_next = diffusion.scales(lam_next)
+    return a_next * x0 + b_next * eps
 
 
 def _diffusers(denoise, x, lams, ts, steps, target, noise, callback):
@@ -270,9 +273,9 @@ def _dpmpp_2m(i, steps, x, x0, sigmas, lams, noise, memory):
 
 
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("official", "DDPM (official)", _official, stochastic=True),
+    Sampler("official", "DDPM (official)", _lambda_loop(_ddpm), stochastic=True),
     Sampler("diffusers", "DDPM (diffusers)", _diffusers, model_shifts=False, rho=0.0, stochastic=True),
-    Sampler("ddim", "DDIM", _ddim),
+    Sampler("ddim", "DDIM", _lambda_loop(_ddim)),
     Sampler("euler", "Euler", _sigma_loop(_euler)),
     Sampler("euler_a", "Euler a", _sigma_loop(_euler_ancestral), stochastic=True),
     Sampler("dpmpp_2m", "DPM++ 2M", _sigma_loop(_dpmpp_2m)),
