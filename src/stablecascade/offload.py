@@ -27,8 +27,28 @@ def check_mode(offload) -> None:
 
 
 def move(module: nn.Module, device) -> None:
-    """Every move goes through here (tests count them)."""
-    module.to(device)
+    """Every move goes through here (tests count them). Weights keep their CPU copy while they visit an accelerator:
+    the way out is an asynchronous copy from pinned memory, the way home drops the device copy instead of copying
+    unchanged weights back (the offloaded models are frozen; a dtype change made on the visit is undone before)."""
+    device = torch.device(device)
+    for t in _tensors(module):
+        home = getattr(t, "_offload_home", None)
+        if device.type == "cpu":
+            t.data = home if home is not None else _pinned(t.data.to("cpu"))
+            t._offload_home = None
+        elif t.device != device:
+            t._offload_home = t.data if t.device.type == "cpu" else None
+            t.data = t.data.to(device, non_blocking=True)
+
+
+def _tensors(module: nn.Module):
+    yield from module.parameters()
+    yield from module.buffers()
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked when a CUDA device can read it asynchronously; as it is otherwise."""
+    return t.pin_memory() if torch.cuda.is_available() and not t.is_pinned() else t
 
 
 @contextlib.contextmanager

@@ -190,10 +190,12 @@ class StableCascadePipeline:
             return offload_module.running(part, self.device)
         return contextlib.nullcontext(part)
 
-    def _text(self, prompts: list, n: int):
-        """CLIP hidden states and pooled embeddings of the prompts, each repeated n times."""
+    def _text(self, run: _Run):
+        """CLIP hidden states and pooled embeddings of the prompts and of the negative prompts, each repeated
+        `run.n` times: (text, pooled), (negative text, negative pooled), in one visit of the encoder to the device."""
         with self._running(self.text_encoder.model):
-            return tuple(t.to(self.device).repeat_interleave(n, 0) for t in self.text_encoder(prompts))
+            return [tuple(t.to(self.device).repeat_interleave(run.n, 0) for t in self.text_encoder(prompts))
+                    for prompts in (run.prompts, run.negatives)]
 
     # ------------------------------------------------------------------------------------------- steps
     def _stage(self, stage: str, model, cond: dict, uncond: dict, guidance: float, x, steps: int, shift: float,
@@ -263,8 +265,7 @@ class StableCascadePipeline:
         from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
         ControlNet's output for one image, given to both CFG halves as in the official code."""
         shift, _ = self._shifts(run.sampling)
-        text, pooled = self._text(run.prompts, run.n)
-        neg_text, neg_pooled = self._text(run.negatives, run.n)
+        (text, pooled), (neg_text, neg_pooled) = self._text(run)
         no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
         image = no_image if clip_img is None else clip_img.to(self.device, self.dtype).expand(run.batch, -1, -1)
         cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=image)
@@ -428,8 +429,7 @@ class StableCascadePipeline:
         run = self._settings(prompt=prompts, **options)
         if len(prompts) != latents.shape[0]:
             raise InputError(f"got {len(prompts)} prompts for {latents.shape[0]} latents")
-        _, pooled = self._text(run.prompts, run.n)
-        _, neg_pooled = self._text(run.negatives, run.n)
+        (_, pooled), (_, neg_pooled) = self._text(run)
         images = self._decoder(run, latents.float().repeat_interleave(run.n, 0), pooled, neg_pooled)
         return self._output(images, run, "decode")
 
