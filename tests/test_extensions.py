@@ -23,6 +23,15 @@ def picture(width=64, height=64, seed=0):
     return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
+@pytest.fixture(autouse=True)
+def forget_controlnets(pipe):
+    """The session's pipeline is shared with other test files: leave it without the ControlNets loaded here."""
+    before = dict(pipe._controlnets)
+    yield
+    pipe._controlnets.clear()
+    pipe._controlnets.update(before)
+
+
 @pytest.fixture(scope="module")
 def lora_file(pipe, tmp_path_factory):
     """An official-format LoRA (positional rank-2 pairs over every attention projection) for the tiny Stage C."""

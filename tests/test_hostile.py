@@ -590,7 +590,7 @@ def test_schemathesis_fuzz_of_the_http_api_finds_no_5xx(nano):
         def fuzz(case):
             response = case.call(base_url=base, timeout=30)
             tried[f"{case.method} {case.path}"] += 1
-            if response.status_code >= 500:
+            if response.status_code >= 500 and response.status_code != 501:  # 501: what the model cannot run
                 server_errors.append((case.method, case.formatted_path, response.status_code, response.text[:300]))
 
         fuzz()

@@ -175,7 +175,7 @@ def test_nano_token_example_moves_the_colour_share(tmp_path, token_data):
     import stablecascade
     from nano_token import COLOUR, TOKEN, colour_share, prompts
 
-    cfg = _cfg(tmp_path, token_data, steps=30, batch_size=8, lora_layers=None, token_lr=0.1, warmup_steps=0,
+    cfg = _cfg(tmp_path, token_data, steps=60, batch_size=8, lora_layers=None, token_lr=0.1, warmup_steps=0,
                caption_dropout=0.0, train_tokens=[[TOKEN, None]])
     trainer = Trainer(cfg)
     for _ in range(cfg.steps):

@@ -84,5 +84,5 @@ def test_nano_previews(nano):
 
 
 def test_nano_variation_says_it_has_no_image_encoder(nano):
-    with pytest.raises(stablecascade.CheckpointError, match="image variation needs a CLIP image encoder"):
+    with pytest.raises(stablecascade.CheckpointError, match="image variation cannot run here: needs a CLIP image encoder"):
         nano.variation(Image.new("RGB", (64, 64), "red"), progress=False)

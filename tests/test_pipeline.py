@@ -146,7 +146,7 @@ def test_pil_output_carries_parameters(pipe):
     (dict(num_images_per_prompt=0), "num_images_per_prompt"),
     (dict(prior_guidance=float("nan")), "prior_guidance"),
     (dict(sampling="heun"), "sampling"),
-    (dict(seed=-1), "seeds"),
+    (dict(seed=-1), "seed -1 is out of range"),
     (dict(seed=[1, 2]), "2 seeds for 1 images"),
     (dict(generator=[torch.Generator()] * 3), "3 generators"),
     (dict(output_type="np"), "output_type"),

@@ -116,7 +116,7 @@ def _fixed_batch_loss(trainer):
 
 @pytest.mark.parametrize("task,extra", [("c", {}), ("c", {"target": "v"}), ("b", {})])
 def test_training_lowers_the_loss(tmp_path, folder, task, extra):
-    cfg = _cfg(tmp_path, folder, task, steps=12, lr=3e-3, caption_dropout=0.0, loss_weight="constant", **extra)
+    cfg = _cfg(tmp_path, folder, task, steps=20, lr=3e-3, caption_dropout=0.0, loss_weight="constant", **extra)
     trainer = Trainer(cfg)
     before = _fixed_batch_loss(trainer)
     trainer.fit()

@@ -42,6 +42,15 @@ class TextEncoder:
         return self
 
 
+def from_pretrained(cls, path, dtype):
+    """A transformers model from a folder, in `dtype`; only from safetensors files: a pickle `.bin` can run code
+    when loaded, so it is refused (as a missing file)."""
+    try:
+        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)
+    except TypeError:  # transformers < 4.56 names it torch_dtype
+        return cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+
+
 def load_text_encoder(model_path: Union[str, Path], tokenizer_path: Union[str, Path, None] = None, *,
                       dtype: torch.dtype = torch.float32, device=None) -> TextEncoder:
     """The CLIP text encoder of a transformers folder, in `dtype` whatever dtype its file stores (the nano model's is
@@ -58,10 +67,7 @@ def load_text_encoder(model_path: Union[str, Path], tokenizer_path: Union[str, P
                               "folder (tokenizer_config.json) as well")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(found))
-        try:
-            model = CLIPTextModelWithProjection.from_pretrained(str(model_path), dtype=dtype)
-        except TypeError:  # transformers < 4.56 names it torch_dtype
-            model = CLIPTextModelWithProjection.from_pretrained(str(model_path), torch_dtype=dtype)
+        model = from_pretrained(CLIPTextModelWithProjection, model_path, dtype)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"could not load the CLIP text encoder/tokenizer from {model_path}: {e}") from None
     return TextEncoder(tokenizer, model.to(device=device, dtype=dtype))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoints, controlnets, diffusion, hub, limits
 from . import sampling as sampling_module
 from . import offload as offload_module
-from .conditioning import ImageEncoder, TextEncoder, load_text_encoder
+from .conditioning import ImageEncoder, TextEncoder, from_pretrained, load_text_encoder
 from .errors import CheckpointError, InputError, UnsupportedError
 from .geometry import (COMPRESSION, EFFNET_FACTOR, STAGE_A_FACTOR, check_compression as _check_compression,
                        default_size, latent_sizes, round8)
@@ -592,19 +592,15 @@ def _keeping_dtype(model: torch.nn.Module):
 
 
 def _seeds(seed, batch: int) -> list:
-    """One seed per image: seed + i (AUTOMATIC1111's and ComfyUI's convention), or the given list."""
+    """One seed per image: seed + i (AUTOMATIC1111's and ComfyUI's convention), or the given list (their range
+    and type were checked by `limits.check_seed`)."""
     if seed is None:
         seed = secrets.randbelow(2**31)
-    if isinstance(seed, (list, tuple)):
-        seeds = list(seed)
-        if len(seeds) != batch:
-            raise InputError(f"got {len(seeds)} seeds for {batch} images; give one seed, or one per image")
-    else:
-        seeds = [seed + i if isinstance(seed, int) and not isinstance(seed, bool) else seed for i in range(batch)]
-    for s in seeds:
-        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s < 2**63:
-            raise InputError(f"seeds must be whole numbers from 0 to 2**63 - 1, got {s!r}")
-    return seeds
+    if not isinstance(seed, (list, tuple)):
+        return [seed + i for i in range(batch)]
+    if len(seed) != batch:
+        raise InputError(f"got {len(seed)} seeds for {batch} images; give one seed, or one per image")
+    return list(seed)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -640,13 +636,6 @@ def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
     return parts
 
 
-def _from_pretrained(cls, path, dtype):
-    try:
-        return cls.from_pretrained(str(path), dtype=dtype, use_safetensors=True)  # never a pickle .bin
-    except TypeError:  # transformers < 4.56 names it torch_dtype
-        return cls.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
-
-
 def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
     def where(key):
         value = parts.get(key) or parts.get("text_encoder")
@@ -661,7 +650,7 @@ def _load_image_encoder(path, dtype, device) -> ImageEncoder:
     from transformers import CLIPVisionModelWithProjection
 
     try:
-        model = _from_pretrained(CLIPVisionModelWithProjection, path, dtype)
+        model = from_pretrained(CLIPVisionModelWithProjection, path, dtype)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"could not load the CLIP image encoder from {path}: {e}") from None
     return ImageEncoder(model.to(device))
