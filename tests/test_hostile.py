@@ -5,6 +5,7 @@ import collections
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -371,6 +372,21 @@ def test_generation_limits_property(images, steps, seed):
 def test_limits_refuse_values_that_are_no_positive_whole_number(value):
     with pytest.raises(InputError, match="--max-steps must be a whole number >= 1"):
         Limits(max_steps=value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(["prior_guidance", "decoder_guidance"]),
+       value=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-10**30, 10**30), st.booleans(),
+                       st.text(max_size=5)))
+def test_guidance_is_any_finite_number_at_least_zero(pipe, name, value):
+    """Checked before anything is drawn: what the guidance validation accepts is exactly the finite numbers >= 0."""
+    valid = not isinstance(value, (bool, str)) and math.isfinite(value) and value >= 0
+    call = lambda: pipe._settings("a cat", width=64, height=64, **{name: value})  # noqa: E731
+    if valid:
+        assert getattr(call(), name) == value
+    else:
+        with pytest.raises(InputError, match=f"{name} must be a finite number >= 0"):
+            call()
 
 
 # ------------------------------------------------------------------------------------------ checkpoints and configs

@@ -559,7 +559,7 @@ class StableCascadePipeline:
             if not isinstance(v, int) or v < 1:
                 raise InputError(f"{name} must be a whole number >= 1, got {v!r}")
         for name, v in (("prior_guidance", prior_guidance), ("decoder_guidance", decoder_guidance)):
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {v!r}")
         if tiled_decode not in (None, True, False):
             raise InputError(f"tiled_decode must be None (automatic), True or False, got {tiled_decode!r}")
