@@ -77,16 +77,7 @@ def browser():
 def test_typing_a_prompt_and_clicking_generate_shows_an_image(ui, browser, tmp_path):
     demo, url, out = ui
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
-    outside = []
-
-    def only_local(route):  # the app must work without (and never reach for) the internet
-        if route.request.url.startswith(url.rstrip("/")):
-            route.continue_()
-        else:
-            outside.append(route.request.url)
-            route.abort()
-
-    page.route("**/*", only_local)
+    outside = local_only(page, url)  # the app must work without (and never reach for) the internet
     page.goto(url)
     page.wait_for_selector("#txt2img-prompt textarea", timeout=30_000)
     for tab in ("Text to image", "Image variation", "Image to image", "ControlNet", "LoRA"):
