@@ -12,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DTYPES, machine, parser, setup
+from common import DTYPES, machine, parser, random_model, setup
 
 import torch  # noqa: E402
 
@@ -26,21 +26,6 @@ def rss_gib(field: str) -> float:
 
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-
-
-def random_stage_c(variant: str, dtype: torch.dtype):
-    from stablecascade import configs
-    from stablecascade.models import StageC
-
-    with torch.device("meta"):
-        model = StageC(configs.STAGE_C[variant])
-    model = model.to(dtype).to_empty(device="cpu")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t in (*model.parameters(), *model.buffers()):
-            if t.is_floating_point():
-                t.copy_(torch.randn(t.shape, generator=gen).mul_(0.02))
-    return model
 
 
 def text_encoder(width: int, dtype: torch.dtype):
@@ -79,7 +64,9 @@ def main() -> None:
     frozen = DTYPES[args.frozen_dtype]
     base_rss = rss_gib("VmRSS")
     t0 = time.perf_counter()
-    stage_c = random_stage_c(args.variant, frozen)
+    from stablecascade import configs
+
+    stage_c = random_model("stage_c", configs.STAGE_C[args.variant], frozen, "cpu")
     parts = {"stage_c": stage_c, "effnet": EfficientNetEncoder().eval(),
              "text": text_encoder(stage_c.config.c_clip_text, frozen)}
     del stage_c

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bench_train_memory import text_encoder
-from common import DTYPES, gib, machine, parser, random_model, setup
+from common import gib, machine, parser, random_model, setup
 
 PROMPT = "a photograph of a red fox in the snow, golden hour"
 
@@ -67,7 +67,7 @@ def reset_peak(device: str) -> None:
 
 
 def build(args, dtype, device):
-    from stablecascade import StableCascadePipeline, configs
+    from stablecascade import configs
     from stablecascade.conditioning import TextEncoder
 
     size = "tiny" if args.tiny else "3b"
