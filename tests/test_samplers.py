@@ -87,3 +87,49 @@ def test_deterministic_samplers_draw_no_noise(stage_c, name):
     state = g.get_state()
     sampling.sample(stage_c, torch.randn(1, 16, 6, 6), 3, sampler=name, shift=SHIFT, generator=g)
     assert torch.equal(g.get_state(), state)
+
+
+def consistency_loop(model, x, steps, shift, generators):
+    """Multistep consistency sampling written out from the LCM paper: at t_i = 1 - i/steps the model's ε gives
+    x0 = (x - σ_t ε)/α_t, the consistency function mixes it with x as f = c_skip x + c_out x0 with
+    c_skip = 0.25/((10⁴ r)² + 0.25), c_out = 10⁴ r/√((10⁴ r)² + 0.25) (LCM's σ_data 0.5 and timestep scaling 10 on a
+    1000-step schedule, r in [0, 1]), and all but the last estimate are noised again to t_{i+1} with each image's
+    own generator. The schedule (λ of t, the network's r of λ) is the one `diffusion` pins against the official
+    code; everything else is computed here in float64."""
+    import math
+
+    lams = diffusion.logsnr(torch.linspace(1, 0, steps + 1), shift).double()
+    for i in range(steps):
+        lam = lams[i]
+        r = diffusion.noise_cond(lam.float())
+        alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
+        eps = model(x, r.expand(x.shape[0])).double()
+        x0 = (x.double() - sigma * eps) / alpha
+        rr = 1e4 * r.double()
+        f = 0.25 / (rr**2 + 0.25) * x.double() + rr / (rr**2 + 0.25).sqrt() * x0
+        if i == steps - 1:
+            return f
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).double()
+        x = (torch.sigmoid(lams[i + 1]).sqrt() * f + torch.sigmoid(-lams[i + 1]).sqrt() * noise).float()
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_lcm_matches_a_hand_written_consistency_loop(stage_c, steps):
+    x = torch.randn(2, 16, 6, 6, generator=torch.Generator().manual_seed(1))
+    denoise = sampling.GuidedDenoiser(stage_c.model, {k: v.expand(2, *v.shape[1:]) for k, v in stage_c.raw.items()})
+    got = sampling.sample(denoise, x, steps, sampler="lcm", shift=SHIFT, generator=sampling.seeded([5, 6]))
+    want = consistency_loop(denoise, x, steps, SHIFT, sampling.seeded([5, 6]))
+    assert (got - want).abs().max() <= 1e-6 * max(1.0, want.abs().max())
+    if steps > 1:  # fresh noise between steps: other seeds, another result
+        other = sampling.sample(denoise, x, steps, sampler="lcm", shift=SHIFT, generator=sampling.seeded([7, 8]))
+        assert (other - got).abs().max() > 1e-3
+
+
+def test_consistency_boundary_condition():
+    c_skip, c_out = sampling.consistency_scales(torch.tensor([0.0, 0.5, 1.0]))
+    assert c_skip[0] == 1 and c_out[0] == 0
+    assert c_skip[1:].max() < 1e-6 and (c_out[1:] - 1).abs().max() < 1e-6
+    x, pred = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    # with no noise left (λ = ∞, r = 0) the estimate is x itself, whatever the network says
+    f, _ = sampling.consistency_x0(x, torch.tensor([float("inf")]), pred)
+    assert torch.equal(f, x)

@@ -10,6 +10,7 @@ Device rules (what lets the same seed give the same image on any device, and the
 All samplers work in the GDF parameterisation of `diffusion`: x_t = a·x0 + b·ε with λ = log(a²/b²). The k-style
 samplers (Euler, Euler ancestral, DPM++ 2M) integrate in σ = b/a with x/a as the state, which is the form
 k-diffusion uses; their last step goes to σ = 0, so `steps` model calls give the final x0 as the official sampler.
+"lcm" is multistep consistency sampling for consistency-distilled stages (`consistency_x0`, `train lcm`).
 """
 
 from __future__ import annotations
@@ -177,15 +178,16 @@ class Sampler:
     stochastic: bool = False  # draws noise at each step
 
 
-def _lambda_loop(update):
-    """A sampler stepping in λ: the model's x0 and ε at each level, `update(x0, ε, λ, λ_next, noise)` to the next;
-    the result is the last step's x0 prediction (GDF's final update is discarded)."""
+def _lambda_loop(update, estimate=diffusion.undiffuse):
+    """A sampler stepping in λ: the model's x0 and ε at each level (`estimate(x, λ, prediction, target)`),
+    `update(x0, ε, λ, λ_next, noise)` to the next; the result is the last step's x0 estimate (GDF's final update is
+    discarded)."""
 
     def run(denoise, x, lams, ts, steps, target, noise, callback):
         batch = x.shape[0]
         for i in range(steps):
             lam = lams[i].expand(batch)
-            x0, eps = diffusion.undiffuse(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
+            x0, eps = estimate(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
             callback(i, x0)
             if i < steps - 1:
                 x = update(x0, eps, lams[i].to(x), lams[i + 1].to(x), noise)
@@ -204,6 +206,34 @@ def _ddim(x0, eps, lam, lam_next, noise):
     (DDIM is kept under the name users look for)."""
     a_next, b_next = diffusion.scales(lam_next)
     return a_next * x0 + b_next * eps
+
+
+# Consistency models (Song et al. 2023; LCM, Luo et al. 2023) parameterise the consistency function as
+# f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(x_t, t), so that f(x_0, 0) = x_0 holds by construction. Here F is the
+# stage's x0 estimate from its ε/v prediction and t the noise condition r in [0, 1]; LCM's scales on its 1000-step
+# schedule with timestep scaling 10 become, on r, c_skip = σd²/((Kr)² + σd²) and c_out = Kr/√((Kr)² + σd²).
+CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIME_SCALE = 0.5, 10_000.0
+
+
+def consistency_scales(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at noise condition r: (1, 0) at r = 0, → (0, 1) as r grows."""
+    scaled = r * CONSISTENCY_TIME_SCALE
+    denom = scaled**2 + CONSISTENCY_SIGMA_DATA**2
+    return CONSISTENCY_SIGMA_DATA**2 / denom, scaled / denom.sqrt()
+
+
+def consistency_x0(x: torch.Tensor, lam: torch.Tensor, pred: torch.Tensor, target: str = "eps"):
+    """(f(x, t), ε) for a consistency-distilled stage: the consistency function's clean-latent estimate from the
+    stage's raw prediction at level λ (per sample), and the ε the prediction implies."""
+    x0, eps = diffusion.undiffuse(x, lam, pred, target)
+    c_skip, c_out = (diffusion._bcast(c, x) for c in consistency_scales(diffusion.noise_cond(lam)))
+    return c_skip * x + c_out * x0, eps
+
+
+def _renoise(x0, eps, lam, lam_next, noise):
+    """Multistep consistency sampling: noise the estimate afresh to the next level."""
+    a_next, b_next = diffusion.scales(lam_next)
+    return a_next * x0 + b_next * noise()
 
 
 def _diffusers(denoise, x, lams, ts, steps, target, noise, callback):
@@ -279,6 +309,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("euler", "Euler", _sigma_loop(_euler)),
     Sampler("euler_a", "Euler a", _sigma_loop(_euler_ancestral), stochastic=True),
     Sampler("dpmpp_2m", "DPM++ 2M", _sigma_loop(_dpmpp_2m)),
+    Sampler("lcm", "LCM", _lambda_loop(_renoise, consistency_x0), stochastic=True),
 )}
 
 
