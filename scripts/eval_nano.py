@@ -9,6 +9,10 @@ decoded by Stage B + Stage A (`pipe.encode` / `pipe.decode`), and compared with 
 is reported too.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
+                                [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
+
+A consistency LoRA (`--lora`, e.g. the shipped nano_lcm_c.safetensors) switches Stage C to its sampler, steps and
+guidance unless the options say otherwise.
 """
 
 from __future__ import annotations
@@ -63,6 +67,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--decoder-guidance", type=float, help="Stage B guidance (default: the model's)")
+    p.add_argument("--lora", type=Path, help="a LoRA file to load (merged) before generating")
+    p.add_argument("--sampler", default=None, help="the sampler (default: the pipeline's)")
+    p.add_argument("--prior-steps", type=int, help="Stage C steps (default: the pipeline's)")
+    p.add_argument("--prior-guidance", type=float, help="Stage C guidance (default: the pipeline's)")
     a = p.parse_args(argv)
     import random
 
@@ -70,6 +78,10 @@ def main(argv=None):
     from stablecascade.images import psnr
 
     pipe = stablecascade.load_pipeline(a.model, a.model, device="cpu", dtype=torch.float32)
+    if a.lora:
+        pipe.load_lora(a.lora)
+    chosen = {k: v for k, v in (("sampling", a.sampler), ("prior_steps", a.prior_steps),
+                                ("prior_guidance", a.prior_guidance)) if v is not None}
     rng = random.Random(a.seed)
     held = heldout()
     triples = sorted(held) if a.split == "heldout" else sorted(
@@ -83,7 +95,7 @@ def main(argv=None):
     for i, (colour, shape, position, background) in enumerate(cases):
         prompt = caption(colour, shape, position, background)
         image = pipe(prompt, width=64, height=64, seed=a.seed + i, decoder_guidance=a.decoder_guidance,
-                     progress=False)[0]
+                     progress=False, **chosen)[0]
         found = analyse(np.asarray(image.convert("RGB")))
         truth = {"colour": colour, "shape": shape, "position": position, "background": background}
         ok = {k: found[k] == truth[k] for k in truth}
@@ -98,7 +110,7 @@ def main(argv=None):
         stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
     full = pipe.decode(pipe.encode(list(images)), prompt=[caption(*c) for c in cases[:16]], width=64, height=64,
                        seed=a.seed, decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
-    figures = {"split": a.split, "prompts": len(cases), "decoder_guidance": pipe.decoder_guidance
+    figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name, **chosen, "decoder_guidance": pipe.decoder_guidance
                if a.decoder_guidance is None else a.decoder_guidance, "alignment": alignment,
                "psnr_stage_a": round(psnr(stage_a_only, images), 2),
                "psnr_reconstruction": round(psnr(full, images), 2)}

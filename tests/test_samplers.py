@@ -92,8 +92,8 @@ def test_deterministic_samplers_draw_no_noise(stage_c, name):
 def consistency_loop(model, x, steps, shift, generators):
     """Multistep consistency sampling written out from the LCM paper: at t_i = 1 - i/steps the model's ε gives
     x0 = (x - σ_t ε)/α_t, the consistency function mixes it with x as f = c_skip x + c_out x0 with
-    c_skip = 0.25/((10⁴ r)² + 0.25), c_out = 10⁴ r/√((10⁴ r)² + 0.25) (LCM's σ_data 0.5 and timestep scaling 10 on a
-    1000-step schedule, r in [0, 1]), and all but the last estimate are noised again to t_{i+1} with each image's
+    c_skip = 0.25/((10⁴ t)² + 0.25), c_out = 10⁴ t/√((10⁴ t)² + 0.25) (LCM's σ_data 0.5 and timestep scaling 10 on a
+    1000-step schedule), and all but the last estimate are noised again to t_{i+1} with each image's
     own generator. The schedule (λ of t, the network's r of λ) is the one `diffusion` pins against the official
     code; everything else is computed here in float64."""
     import math
@@ -105,8 +105,8 @@ def consistency_loop(model, x, steps, shift, generators):
         alpha, sigma = torch.sigmoid(lam).sqrt(), torch.sigmoid(-lam).sqrt()
         eps = model(x, r.expand(x.shape[0])).double()
         x0 = (x.double() - sigma * eps) / alpha
-        rr = 1e4 * r.double()
-        f = 0.25 / (rr**2 + 0.25) * x.double() + rr / (rr**2 + 0.25).sqrt() * x0
+        rr = 1e4 * (1 - i / steps)
+        f = 0.25 / (rr**2 + 0.25) * x.double() + rr / math.sqrt(rr**2 + 0.25) * x0
         if i == steps - 1:
             return f
         noise = torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators]).double()
@@ -130,6 +130,6 @@ def test_consistency_boundary_condition():
     assert c_skip[0] == 1 and c_out[0] == 0
     assert c_skip[1:].max() < 1e-6 and (c_out[1:] - 1).abs().max() < 1e-6
     x, pred = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
-    # with no noise left (λ = ∞, r = 0) the estimate is x itself, whatever the network says
-    f, _ = sampling.consistency_x0(x, torch.tensor([float("inf")]), pred)
+    # at the schedule's clean end the estimate is x itself, whatever the network says
+    f, _ = sampling.consistency_x0(x, torch.tensor([diffusion.LOGSNR_MAX]), torch.zeros(1), pred)
     assert torch.equal(f, x)

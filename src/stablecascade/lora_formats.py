@@ -46,6 +46,7 @@ from .checkpoints import read_state_dict
 from .errors import CheckpointError, InputError
 from .models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAWeights, TokenEmbedding, check_layer,
                           official_layer_order)
+from .sampling import read_consistency
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def read_lora(source, stage_c: nn.Module, text_encoder=None, *, new_tokens: Opti
     else:
         lora = _read_named(state, stage_c, text_encoder, name)
     lora.source = name
+    lora.consistency = read_consistency(meta, name)
     if text_encoder is not None:
         lora.vocab_size = text_encoder.tokenizer.vocab_size
     return lora

@@ -66,6 +66,7 @@ class _Run:
     preview_callback: Optional[PreviewCallback]
     step_callback: Optional[StepCallback]
     tiled_decode: Optional[bool]
+    prior_sampling: Optional[str] = None  # Stage C's sampler when it differs (a consistency LoRA: "lcm")
 
     @property
     def batch(self) -> int:
@@ -203,14 +204,15 @@ class StableCascadePipeline:
         """Sample one stage. float16 overflow is caught without waiting on the device at each step: a non-finite
         result (checked once, at the end) makes the stage run again from the same noise in float32 (its step
         events start again at 1), instead of ending in a black image."""
-        spec = sampling_module.get(run.sampling)
+        sampler = (run.prior_sampling or run.sampling) if stage == "prior" else run.sampling
+        spec = sampling_module.get(sampler)
         name = {"prior": "Stage C", "decoder": "Stage B"}[stage]
         with self._running(model), _keeping_dtype(model):
             denoise = sampling_module.GuidedDenoiser(model, cond, uncond, guidance, spec.rho)
             states = sampling_module.generator_states(run.generator)
             while True:
                 with tqdm(total=steps, desc=name, disable=not run.progress, leave=False) as bar:
-                    latents = sampling_module.sample(denoise, x, steps, sampler=run.sampling, shift=shift,
+                    latents = sampling_module.sample(denoise, x, steps, sampler=sampler, shift=shift,
                                                      t_start=t_start, target=self.predictions[stage == "decoder"],
                                                      generator=run.generator,
                                               callback=self._on_step(stage, steps, run, bar))
@@ -544,6 +546,8 @@ class StableCascadePipeline:
             raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
         if decoder_guidance is None:
             decoder_guidance = self.decoder_guidance if sampling_module.get(sampling).model_shifts else 0.0
+        prior_sampling, prior_steps, prior_guidance = sampling_module.consistency_plan(
+            self._loras and self._loras.consistency, sampling, prior_steps, prior_guidance)
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):
@@ -577,7 +581,7 @@ class StableCascadePipeline:
             generator = sampling_module.seeded(seeds)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seeds, generator, sampling, output_type, progress,
-                    _check_compression(compression), preview_callback, step_callback, tiled_decode)
+                    _check_compression(compression), preview_callback, step_callback, tiled_decode, prior_sampling)
 
 
 @contextlib.contextmanager

@@ -115,6 +115,61 @@ def read_model_metadata(path) -> dict:
     return found
 
 
+# A consistency-distilled stage (`train lcm`) says so in its file's metadata, as JSON: {"kind": "lcm", "stage":
+# "prior"|"decoder", "steps": recommended steps, "guidance": the guidance to sample at, "teacher_guidance": the
+# guidance the teacher was distilled with}. A pipeline holding such a LoRA samples that stage with "lcm".
+CONSISTENCY_KEY = "stablecascade.consistency"
+
+
+@dataclass(frozen=True)
+class Consistency:
+    stage: str  # "prior" (Stage C) or "decoder" (Stage B)
+    steps: int
+    guidance: float
+
+
+def consistency_metadata(stage: str, steps: int, guidance: float, teacher_guidance: float) -> dict:
+    import json
+
+    return {CONSISTENCY_KEY: json.dumps({"kind": "lcm", "stage": stage, "steps": int(steps),
+                                         "guidance": float(guidance), "teacher_guidance": float(teacher_guidance)})}
+
+
+def read_consistency(meta: dict, source: str) -> Optional[Consistency]:
+    """The `Consistency` a file's metadata records (None when it is no consistency model); CheckpointError when the
+    record is broken."""
+    import json
+    import math
+
+    from .errors import CheckpointError
+
+    if CONSISTENCY_KEY not in meta:
+        return None
+    try:
+        record = json.loads(meta[CONSISTENCY_KEY])
+        found = Consistency(str(record["stage"]), int(record["steps"]), float(record["guidance"]))
+        ok = record["kind"] == "lcm" and found.stage in ("prior", "decoder") and found.steps >= 1 and \
+            math.isfinite(found.guidance) and found.guidance >= 0
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{source}: metadata {CONSISTENCY_KEY!r} is not a consistency record ({e!r})") from None
+    if not ok:
+        raise CheckpointError(f"{source}: metadata {CONSISTENCY_KEY!r} holds unusable values: {record}")
+    return found
+
+
+def consistency_plan(consistency: Optional[Consistency], sampler: str, steps: int, guidance: float
+                     ) -> tuple[str, int, float]:
+    """(sampler, steps, guidance) for Stage C: a consistency-distilled one (its LoRA loaded) samples with "lcm" at its
+    recommended steps and guidance, unless the call chose another sampler, or steps or guidance other than the
+    defaults."""
+    from .settings import DEFAULTS
+
+    if consistency is None or sampler not in (DEFAULTS.sampler, "lcm"):
+        return sampler, steps, guidance
+    return ("lcm", consistency.steps if steps == DEFAULTS.prior_steps else steps,
+            consistency.guidance if guidance == DEFAULTS.prior_guidance else guidance)
+
+
 # ------------------------------------------------------------------------------------------- guided denoiser
 def _cast(value, dtype):
     """Floating tensors (also inside lists) cast to dtype."""
@@ -178,16 +233,18 @@ class Sampler:
     stochastic: bool = False  # draws noise at each step
 
 
-def _lambda_loop(update, estimate=diffusion.undiffuse):
-    """A sampler stepping in λ: the model's x0 and ε at each level (`estimate(x, λ, prediction, target)`),
-    `update(x0, ε, λ, λ_next, noise)` to the next; the result is the last step's x0 estimate (GDF's final update is
-    discarded)."""
+def _lambda_loop(update, consistency: bool = False):
+    """A sampler stepping in λ: the model's x0 and ε at each level (with `consistency`, the consistency function's
+    estimate), `update(x0, ε, λ, λ_next, noise)` to the next; the result is the last step's x0 estimate (GDF's final
+    update is discarded)."""
 
     def run(denoise, x, lams, ts, steps, target, noise, callback):
         batch = x.shape[0]
         for i in range(steps):
             lam = lams[i].expand(batch)
-            x0, eps = estimate(x, lam, denoise(x, diffusion.noise_cond(lam)), target)
+            pred = denoise(x, diffusion.noise_cond(lam))
+            x0, eps = consistency_x0(x, lam, ts[i].expand(batch), pred, target) if consistency else \
+                diffusion.undiffuse(x, lam, pred, target)
             callback(i, x0)
             if i < steps - 1:
                 x = update(x0, eps, lams[i].to(x), lams[i + 1].to(x), noise)
@@ -209,24 +266,26 @@ def _ddim(x0, eps, lam, lam_next, noise):
 
 
 # Consistency models (Song et al. 2023; LCM, Luo et al. 2023) parameterise the consistency function as
-# f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(x_t, t), so that f(x_0, 0) = x_0 holds by construction. Here F is the
-# stage's x0 estimate from its ε/v prediction and t the noise condition r in [0, 1]; LCM's scales on its 1000-step
-# schedule with timestep scaling 10 become, on r, c_skip = σd²/((Kr)² + σd²) and c_out = Kr/√((Kr)² + σd²).
+# f(x_t, t) = c_skip(t)·x_t + c_out(t)·F(x_t, t), so that f(x, 0) = x holds by construction. Here F is the stage's
+# x0 estimate from its ε/v prediction and t the position on the sampling schedule (1 = pure noise, 0 = its clean
+# end, which the clamped, shifted schedule reaches with a little noise left: as in LCM, whose last timestep keeps
+# some). LCM's scales on its 1000-step schedule with timestep scaling 10 become, on t in [0, 1],
+# c_skip = σd²/((Kt)² + σd²) and c_out = Kt/√((Kt)² + σd²) with K = 10⁴.
 CONSISTENCY_SIGMA_DATA, CONSISTENCY_TIME_SCALE = 0.5, 10_000.0
 
 
-def consistency_scales(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) at noise condition r: (1, 0) at r = 0, → (0, 1) as r grows."""
-    scaled = r * CONSISTENCY_TIME_SCALE
+def consistency_scales(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) at schedule position t: (1, 0) at t = 0, → (0, 1) as t grows."""
+    scaled = t * CONSISTENCY_TIME_SCALE
     denom = scaled**2 + CONSISTENCY_SIGMA_DATA**2
     return CONSISTENCY_SIGMA_DATA**2 / denom, scaled / denom.sqrt()
 
 
-def consistency_x0(x: torch.Tensor, lam: torch.Tensor, pred: torch.Tensor, target: str = "eps"):
+def consistency_x0(x: torch.Tensor, lam: torch.Tensor, t: torch.Tensor, pred: torch.Tensor, target: str = "eps"):
     """(f(x, t), ε) for a consistency-distilled stage: the consistency function's clean-latent estimate from the
-    stage's raw prediction at level λ (per sample), and the ε the prediction implies."""
+    stage's raw prediction at level λ and schedule position t (per sample), and the ε the prediction implies."""
     x0, eps = diffusion.undiffuse(x, lam, pred, target)
-    c_skip, c_out = (diffusion._bcast(c, x) for c in consistency_scales(diffusion.noise_cond(lam)))
+    c_skip, c_out = (diffusion._bcast(c, x) for c in consistency_scales(t))
     return c_skip * x + c_out * x0, eps
 
 
@@ -309,7 +368,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("euler", "Euler", _sigma_loop(_euler)),
     Sampler("euler_a", "Euler a", _sigma_loop(_euler_ancestral), stochastic=True),
     Sampler("dpmpp_2m", "DPM++ 2M", _sigma_loop(_dpmpp_2m)),
-    Sampler("lcm", "LCM", _lambda_loop(_renoise, consistency_x0), stochastic=True),
+    Sampler("lcm", "LCM", _lambda_loop(_renoise, consistency=True), stochastic=True),
 )}
 
 

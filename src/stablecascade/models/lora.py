@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import CheckpointError, InputError
+from ..sampling import Consistency
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,7 @@ class LoRAWeights:
     source: str = "<state dict>"
     format: str = "official"  # "official", "kohya", "onetrainer", "bare" or a '+'-joined mix
     vocab_size: int = CLIP_VOCAB  # base vocabulary size of the tokenizer the token ids refer to
+    consistency: Optional[Consistency] = None  # a consistency-distilled Stage C (`train lcm`): how to sample it
 
     @property
     def rank(self) -> int:
@@ -294,6 +296,12 @@ class LoRAManager:
         self._get(name)
         del self.loras[name], self.scales[name]
         self._refresh()
+
+    @property
+    def consistency(self):
+        """The `Consistency` of the first loaded consistency LoRA at a non-zero scale, else None."""
+        return next((lora.consistency for name, lora in self.loras.items()
+                     if lora.consistency is not None and self.scales[name] != 0), None)
 
     def _get(self, name):
         if name not in self.loras:

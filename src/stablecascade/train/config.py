@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from ..controlnets import TRAINABLE
 
-TASKS = ("c", "b", "lora", "controlnet")
+TASKS = ("c", "b", "lora", "controlnet", "lcm")
 
 
 class ConfigError(ValueError):
@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # -- what to train
-    task: str = "c"  # c | b | lora | controlnet
+    task: str = "c"  # c | b | lora | controlnet | lcm
     output_dir: str = "runs/train"
     seed: int = 0
 
@@ -115,6 +115,16 @@ class TrainConfig:
     # read without unpickling code) or a safetensors copy; default: that file if torchvision's cache holds it
     controlnet_backbone_weights: Optional[str] = None
 
+    # -- latent consistency distillation (task lcm): the frozen Stage C teaches a student (a LoRA on it, saved as
+    # lora.safetensors, or a full copy) the consistency function; the target network is the EMA (ema_beta)
+    lcm_student: str = "lora"  # lora (lora_* keys apply) | full
+    lcm_guidance: float = 4.0  # the teacher's classifier-free guidance, fixed for the run (the student samples at 1)
+    lcm_timesteps: int = 1000  # the fine grid of t in [0, 1] ...
+    lcm_skip: int = 50  # ... of which the teacher's one DDIM step spans this many (start levels: multiples of it)
+    lcm_loss: str = "huber"  # huber (pseudo-Huber, as LCM) | l2
+    lcm_huber_c: float = 0.001
+    lcm_steps: int = 4  # the sampling steps the exported file recommends (and the preview samples use)
+
     # -- bookkeeping
     save_every: int = 500
     keep_checkpoints: int = 2
@@ -161,18 +171,22 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be at least 1, got {self.prefetch_batches}")
-        if self.cache_latents and self.task not in ("c", "lora"):
-            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora); task {self.task!r} needs the pixels "
+        if self.cache_latents and self.task not in ("c", "lora", "lcm"):
+            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora, lcm); task {self.task!r} needs the pixels "
                               "of every step")
         if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
             raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
                               "or cache_latents: false")
-        if self.cache_text and self.task != "c":
-            raise ConfigError(f"cache_text works for task c (a frozen text encoder), not {self.task!r}: "
+        if self.cache_text and self.task not in ("c", "lcm"):
+            raise ConfigError(f"cache_text works for tasks c and lcm (a frozen text encoder), not {self.task!r}: "
                               "set cache_text: false")
         choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
+        choice("lcm_student", ("lora", "full"))
+        choice("lcm_loss", ("huber", "l2"))
+        if self.task == "lcm":
+            self._check_lcm()
         choice("lora_format", ("auto", "official", "kohya"))
         from ..models.lora import LAYER_PRESETS, STAGE_C, TEXT_ENCODER
 
@@ -206,6 +220,17 @@ class TrainConfig:
             if not isinstance(entry, (list, tuple)) or len(entry) != 2:
                 raise ConfigError(f"train_tokens entries are [token, init_regex] pairs, got {entry!r}")
         return self
+
+    def _check_lcm(self) -> None:
+        if self.ema_beta is None:
+            raise ConfigError("task lcm needs ema_beta: its target network is the EMA of the student (LCM uses 0.95)")
+        if self.lcm_skip < 1 or self.lcm_timesteps % self.lcm_skip:
+            raise ConfigError(f"lcm_skip ({self.lcm_skip}) must be >= 1 and divide lcm_timesteps "
+                              f"({self.lcm_timesteps})")
+        if self.lcm_steps < 1 or self.lcm_guidance < 0 or self.lcm_huber_c <= 0:
+            raise ConfigError("lcm_steps must be >= 1, lcm_guidance >= 0 and lcm_huber_c > 0")
+        if self.lcm_student == "lora" and (self.lora_text_layers or self.train_tokens):
+            raise ConfigError("an lcm LoRA changes Stage C only: set lora_text_layers: null and train_tokens: []")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,5 @@
-"""The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (the official `train/` scripts).
+"""The training loop for Stage C, Stage B, Stage C LoRAs and Stage C ControlNets (the official `train/` scripts), and
+latent consistency distillation of Stage C (LCM: a few-step student, by default a LoRA).
 
 One process or many (torchrun: DDP, or FSDP2 for the big Stage C). All randomness that shapes a global batch
 (timesteps, dropout masks, crops, one noise seed per sample) is drawn for the whole global batch from one seeded
@@ -45,7 +46,7 @@ from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
-KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c"}
+KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c", "lcm": "stage_c"}
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -279,6 +280,7 @@ class LoRAModel(nn.Module):
         if cfg.train_tokens:
             self._prepare_tokens(cfg.train_tokens)
         rank, alpha = cfg.lora_rank, cfg.lora_alpha if cfg.lora_alpha is not None else 1.0
+        self.scales = {"lora": 1.0}  # read live by every layer: 0 runs the base models (`base_only`)
         self.layers = nn.ModuleDict()
         self.targets: list[tuple[str, str, str]] = []  # (model, module, parameter) per entry of self.layers
         for which, model, layers in ((STAGE_C, stage_c, cfg.lora_layers), (TEXT_ENCODER, text_model,
@@ -301,7 +303,7 @@ class LoRAModel(nn.Module):
         w = getattr(m, param)
         down = torch.zeros(rank, *w.shape[1:])
         up = torch.randn(w.shape[0], rank, *[1] * (w.dim() - 2), generator=generator)
-        adapter = LoRAAdapter([("lora", LayerDelta(which, module, param, down, up, scale))], {"lora": 1.0}, w.device,
+        adapter = LoRAAdapter([("lora", LayerDelta(which, module, param, down, up, scale))], self.scales, w.device,
                               trainable=True)
         self.layers[str(len(self.targets))] = adapter
         self.targets.append((which, module, param))
@@ -365,6 +367,15 @@ class LoRAModel(nn.Module):
         if self.tokens_delta is not None:
             groups.append({"params": [self.tokens_delta.delta], "lr_scale": (token_lr or lr) / lr})
         return groups
+
+    @contextlib.contextmanager
+    def base_only(self):
+        """The models without the LoRA (exactly: a layer at scale 0 uses its stored weight), e.g. as a teacher."""
+        self.scales["lora"] = 0.0
+        try:
+            yield
+        finally:
+            self.scales["lora"] = 1.0
 
     def trainable(self) -> nn.Module:
         """The trained parts alone (same state-dict keys as this module), e.g. to keep an EMA of them."""
@@ -432,7 +443,7 @@ class Trainer:
         torch.manual_seed(cfg.seed * 1000 + 17 + self.dist.rank)  # model dropout: per rank
         self.loss_weight = AdaptiveLossWeight(cfg.adaptive_buckets, beta=cfg.adaptive_beta) \
             if cfg.loss_weight == "adaptive" else None
-        params = self.trained.param_groups(cfg.lr, cfg.token_lr) if cfg.task == "lora" else \
+        params = self.trained.param_groups(cfg.lr, cfg.token_lr) if isinstance(self.trained, LoRAModel) else \
             [p for p in self.net.parameters() if p.requires_grad]
         self.optimizer = self._make_optimizer(params)
         self.step = 0
@@ -483,12 +494,15 @@ class Trainer:
 
             self.image_encoder = ImageEncoder(CLIPVisionModelWithProjection.from_pretrained(cfg.image_encoder))
         needs = {"c": ("stage_c", "effnet", "text_model"), "b": ("stage_b", "stage_a", "effnet", "text_model"),
-                 "lora": ("stage_c", "effnet", "text_model"), "controlnet": ("stage_c", "effnet", "text_model")}[task]
+                 "lora": ("stage_c", "effnet", "text_model"), "controlnet": ("stage_c", "effnet", "text_model"),
+                 "lcm": ("stage_c", "effnet", "text_model")}[task]
         for name in needs:
             if getattr(self, name) is None:
                 raise ValueError(f"training task {task!r} needs {name.replace('text_model', 'text_encoder')} "
                                  "(set it in the config)")
         trained_name = {"c": "stage_c", "b": "stage_b"}.get(task)
+        # a full-weight consistency student starts as a float32 copy of the teacher, before the teacher is frozen
+        student = copy.deepcopy(self.stage_c) if task == "lcm" and cfg.lcm_student == "full" else None
         for name in ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_model"):
             m = getattr(self, name)
             if m is not None:
@@ -496,12 +510,14 @@ class Trainer:
                 if name != trained_name:
                     m.to(FROZEN_DTYPES[cfg.frozen_dtype])
         if cfg.gradient_checkpointing:  # the trained U-Net, or the frozen Stage C that LoRA/ControlNet grads cross
-            enable_checkpointing(getattr(self, trained_name or "stage_c"))
+            enable_checkpointing(student if student is not None else getattr(self, trained_name or "stage_c"))
         if task in ("c", "b"):
             trained = self.stage_c if task == "c" else self.stage_b
             if cfg.model_dropout is not None:
                 set_dropout(trained, cfg.model_dropout)
-        elif task == "lora":
+        elif student is not None:
+            trained = student
+        elif task in ("lora", "lcm"):
             trained = LoRAModel(self.stage_c, self.text_model, self.tokenizer, cfg)
             if self.dist.main:
                 counts = {w: sum(t[0] == w for t in trained.targets) for w in (STAGE_C, TEXT_ENCODER)}
@@ -511,7 +527,7 @@ class Trainer:
             trained = parts.get("controlnet") or self._controlnet()
             trained.to(self.device)
         trained.train().requires_grad_(True)
-        if task == "lora":
+        if isinstance(trained, LoRAModel):
             for p in (*self.stage_c.parameters(), *self.text_model.parameters()):
                 p.requires_grad_(False)
             for p in trained.parameters():
@@ -519,7 +535,7 @@ class Trainer:
         self.trained = trained
         self.ema = None
         if cfg.ema_beta is not None:
-            averaged = trained.trainable() if task == "lora" else trained  # not the frozen base
+            averaged = trained.trainable() if isinstance(trained, LoRAModel) else trained  # not the frozen base
             self.ema = _strip_checkpointing(copy.deepcopy(averaged)).requires_grad_(False)
         if self.image_encoder is not None:
             self.image_encoder.model.to(self.device)
@@ -657,7 +673,10 @@ class Trainer:
         images = None if images is None else images.to(self.device)
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
         captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
-        lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
+        if task == "lcm":
+            (t, t_earlier), (lam, lam_earlier) = self._lcm_levels()
+        else:
+            lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
         with torch.no_grad(), self.autocast:
             if task == "b":
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
@@ -682,9 +701,14 @@ class Trainer:
                 if task != "lora":
                     text, pooled = self._text(captions)
                     cond = dict(clip_text=text, clip_text_pooled=pooled, clip_img=clip_img)
+                if task == "lcm":
+                    neg_text, neg_pooled = self._text([""] * len(captions))
+                    uncond = dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=torch.zeros_like(clip_img))
                 control = self._control(images) if task == "controlnet" else None
         latents, eps = latents.float(), eps.float()
         noised = diffusion.diffuse(latents, eps, lam)
+        if task == "lcm":
+            return self._consistency_loss(noised, (t, t_earlier), (lam, lam_earlier), captions, cond, uncond)
         tgt = diffusion.target(latents, eps, lam, cfg.target)
         r = diffusion.noise_cond(lam)
         with self.autocast:
@@ -698,6 +722,60 @@ class Trainer:
         raw = F.mse_loss(pred.float(), tgt, reduction="none").mean(dim=(1, 2, 3))
         weighted = (raw * self._weights(lam)).mean()
         return weighted, raw.detach(), lam
+
+    # ------------------------------------------------------------------------------ consistency distillation
+    def _lcm_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule positions t and levels λ (each (2, local batch): the student's, then one teacher step earlier)
+        for this rank's samples: start positions t = j·k/T for j = 1..T/k (k = lcm_skip, T = lcm_timesteps), the
+        earlier ones at t - k/T, on the schedule the stage samples at (its shift), so the grid holds the few-step
+        sampler's own levels when T/k is a multiple of its steps."""
+        cfg = self.cfg
+        j = torch.randint(1, cfg.lcm_timesteps // cfg.lcm_skip + 1, (self.micro,), generator=self.gen)[self._rank_slice()]
+        start = j * cfg.lcm_skip
+        t = torch.stack([start, start - cfg.lcm_skip]).float() / cfg.lcm_timesteps
+        return t.to(self.device), diffusion.logsnr(t, self.sampling_shift()).to(self.device)
+
+    def _teacher(self):
+        """The frozen stage as it was loaded (a LoRA student switched off)."""
+        return self.trained.base_only() if isinstance(self.trained, LoRAModel) else contextlib.nullcontext()
+
+    def _student_prediction(self, x, r, captions, cond):
+        if isinstance(self.trained, LoRAModel):
+            return self.net(x, r, captions, cond["clip_img"])
+        return self.net(x, r, **cond)
+
+    def _target_prediction(self, x, r, captions, cond):
+        """The target network: the student's architecture with the EMA weights."""
+        if isinstance(self.trained, LoRAModel):
+            return torch.func.functional_call(self.trained, dict(self.ema.named_parameters()),
+                                              (x, r, captions, cond["clip_img"]), strict=False)
+        return self.ema(x, r, **cond)
+
+    def _consistency_loss(self, noised, ts, lams, captions, cond, uncond):
+        """LCM's loss: the student's consistency estimate at (t, λ) against the target network's at the level the
+        teacher reaches from the same point in one guided DDIM step (its ODE solver in GDF terms)."""
+        cfg, (t, t_earlier), (lam, lam_earlier) = self.cfg, ts, lams
+        with torch.no_grad():
+            teacher = self._guided(self.stage_c, cond, uncond, cfg.lcm_guidance)
+            with self._teacher():
+                x0, eps = diffusion.undiffuse(noised, lam, teacher(noised, diffusion.noise_cond(lam)), cfg.target)
+            earlier = diffusion.diffuse(x0, eps, lam_earlier)
+            with self.autocast:
+                pred = self._target_prediction(earlier, diffusion.noise_cond(lam_earlier), captions, cond)
+            aim, _ = sampling.consistency_x0(earlier, lam_earlier, t_earlier, pred.float(), cfg.target)
+        with self.autocast:
+            pred = self._student_prediction(noised, diffusion.noise_cond(lam), captions, cond)
+        estimate, _ = sampling.consistency_x0(noised, lam, t, pred.float(), cfg.target)
+        squared = (estimate - aim) ** 2
+        if cfg.lcm_loss == "huber":
+            squared = (squared + cfg.lcm_huber_c**2).sqrt() - cfg.lcm_huber_c
+        raw = squared.mean(dim=(1, 2, 3))
+        return (raw * self._weights(lam)).mean(), raw.detach(), lam
+
+    def consistency_metadata(self) -> dict:
+        """What an exported consistency student records: Stage C, sampled at `lcm_steps` without guidance (the
+        teacher's guidance is distilled into it)."""
+        return sampling.consistency_metadata("prior", self.cfg.lcm_steps, 1.0, self.cfg.lcm_guidance)
 
     def _control(self, images):
         from .. import controlnet_filters as cf
@@ -1032,15 +1110,17 @@ class Trainer:
         final = self.out / "final"
         final.mkdir(parents=True, exist_ok=True)
         task = self.cfg.task
-        if task == "lora":  # lora.safetensors, and with ema_beta also lora_ema.safetensors (the EMA weights)
+        extra = self.consistency_metadata() if task == "lcm" else {}
+        if isinstance(self.trained, LoRAModel):  # lora.safetensors, with ema_beta also lora_ema.safetensors (the EMA)
             self.trained.load_state_dict(model_state)
-            meta = {"steps": self.step}
+            meta = {"steps": self.step, **extra}
             if self.ema is not None:
                 self.trained.save(final / "lora_ema.safetensors", self.ema,
                                   metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
-        name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet"}[task]
-        recorded = sampling.model_metadata(self.cfg.target, self.sampling_shift()) if task != "controlnet" else None
+        name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet", "lcm": "stage_c"}[task]
+        recorded = {**sampling.model_metadata(self.cfg.target, self.sampling_shift()), **extra} \
+            if task != "controlnet" else None
         for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
             if state is not None:
                 checkpoints.save_official(self._unsharded_copy(state), final / file, recorded)
@@ -1100,11 +1180,17 @@ class Trainer:
         return sampling.GuidedDenoiser(model, cond, uncond, scale, sampling.get("official").rho, precompute=False,
                                        context=lambda: self.autocast)
 
-    def sample_c(self, prompts, size, gen, model=None, steps=None, cfg_scale=None):
-        """Stage C latents for the prompts with the official sampler at the inference shift."""
+    def sample_c(self, prompts, size, gen, model=None, steps=None, cfg_scale=None, sampler=None):
+        """Stage C latents for the prompts at the inference shift: with the official sampler (`sample_steps`,
+        `sample_cfg`), or for a consistency student with "lcm" (`lcm_steps`, no guidance)."""
         model = model or self.trained
         n, dev = len(prompts), self.device
-        if self.cfg.task == "lora":
+        consistency = self.cfg.task == "lcm" and sampler in (None, "lcm")
+        sampler = sampler or ("lcm" if consistency else "official")
+        if cfg_scale is None:
+            cfg_scale = 1.0 if consistency else self.cfg.sample_cfg
+        steps = steps or (self.cfg.lcm_steps if consistency else self.cfg.sample_steps)
+        if isinstance(model, LoRAModel):
             text, pooled = model.encode(prompts, dev)
             neg_text, neg_pooled = model.encode([""] * n, dev)
             stage = self.stage_c
@@ -1113,13 +1199,12 @@ class Trainer:
             neg_text, neg_pooled = self._text([""] * n)
             stage = self.stage_c if self.cfg.task == "controlnet" else model
         img = torch.zeros(n, 1, self.stage_c.config.c_clip_img, device=dev)
-        scale = self.cfg.sample_cfg if cfg_scale is None else cfg_scale
         denoise = self._guided(stage, dict(clip_text=text, clip_text_pooled=pooled, clip_img=img),
-                               dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=img), scale)
+                               dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=img), cfg_scale)
         (hc, wc), _ = latent_sizes(size, size, EFFNET_FACTOR)
         x = sampling.randn((n, self.stage_c.config.c_out, hc, wc), gen, device=dev)
-        return sampling.sample(denoise, x, steps or self.cfg.sample_steps, shift=self.sampling_shift(),
-                               target=self.cfg.target, generator=gen)
+        return sampling.sample(denoise, x, steps, sampler=sampler, shift=self.sampling_shift(), target=self.cfg.target,
+                               generator=gen)
 
     def decode_c(self, latents, prompts, gen):
         if self.previewer is not None:
