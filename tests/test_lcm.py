@@ -108,3 +108,14 @@ def test_a_few_steps_move_the_4_step_student_toward_the_20_step_teacher(tmp_path
     assert after < 0.95 * before, (before, after)
     lora = read_lora(tmp_path / "run" / "final" / "lora.safetensors", trainer.stage_c)
     assert lora.consistency == sampling.Consistency("prior", 4, 1.0) and lora.format == "kohya"
+
+
+def test_the_shipped_nano_lcm_lora_samples_stage_c_in_4_steps():
+    import stablecascade
+    from stablecascade.pipeline import NANO_DIR
+
+    pipe = stablecascade.load_pipeline("nano", "nano")
+    path = NANO_DIR / "nano_lcm_c.safetensors"
+    assert read_lora(path, pipe.stage_c).consistency == sampling.Consistency("prior", 4, 2.0)
+    pipe.load_lora(path)
+    assert [(e.step, e.total) for e in prior_events(pipe)] == [(1, 4), (2, 4), (3, 4), (4, 4)]

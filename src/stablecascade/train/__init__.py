@@ -1,6 +1,7 @@
-"""Training: Stage C and Stage B finetuning, LoRAs and ControlNets, on one CPU or many GPUs (the official `train/` scripts).
+"""Training: Stage C and Stage B finetuning, LoRAs and ControlNets (the official `train/` scripts), and latent
+consistency distillation of Stage C into a few-step LoRA (lcm), on one CPU or many GPUs.
 
-    stablecascade train c|b|lora|controlnet --config FILE.yaml [--set key=value ...]
+    stablecascade train c|b|lora|controlnet|lcm --config FILE.yaml [--set key=value ...]
 
 Under `torchrun --nproc-per-node N -m stablecascade.train ...` it trains with torch.distributed (DDP; `use_fsdp: true`
 for FSDP).
@@ -33,7 +34,8 @@ def train(cfg: TrainConfig, parts: Optional[dict] = None):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=TASKS, help="c: Stage C finetune; b: Stage B finetune; lora: Stage C LoRA "
-                        "(+ new tokens); controlnet: Stage C ControlNet")
+                        "(+ new tokens); controlnet: Stage C ControlNet; lcm: a few-step Stage C (latent consistency "
+                        "distillation, a LoRA by default)")
     parser.add_argument("--config", "-c", help="training recipe (YAML); see configs/")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key (value read as YAML); repeatable")

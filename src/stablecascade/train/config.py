@@ -124,6 +124,7 @@ class TrainConfig:
     lcm_loss: str = "huber"  # huber (pseudo-Huber, as LCM) | l2
     lcm_huber_c: float = 0.001
     lcm_steps: int = 4  # the sampling steps the exported file recommends (and the preview samples use)
+    lcm_sample_guidance: float = 1.0  # the guidance it recommends (and previews use): 1 = none, one call per step
 
     # -- bookkeeping
     save_every: int = 500
@@ -227,8 +228,8 @@ class TrainConfig:
         if self.lcm_skip < 1 or self.lcm_timesteps % self.lcm_skip:
             raise ConfigError(f"lcm_skip ({self.lcm_skip}) must be >= 1 and divide lcm_timesteps "
                               f"({self.lcm_timesteps})")
-        if self.lcm_steps < 1 or self.lcm_guidance < 0 or self.lcm_huber_c <= 0:
-            raise ConfigError("lcm_steps must be >= 1, lcm_guidance >= 0 and lcm_huber_c > 0")
+        if self.lcm_steps < 1 or min(self.lcm_guidance, self.lcm_sample_guidance) < 0 or self.lcm_huber_c <= 0:
+            raise ConfigError("lcm_steps must be >= 1, lcm_guidance and lcm_sample_guidance >= 0, lcm_huber_c > 0")
         if self.lcm_student == "lora" and (self.lora_text_layers or self.train_tokens):
             raise ConfigError("an lcm LoRA changes Stage C only: set lora_text_layers: null and train_tokens: []")
 
@@ -346,7 +347,7 @@ def load_config(path: Optional[Union[str, Path]] = None, overrides: Optional[lis
 # (`use_fsdp` changes how the optimizer state is stored).
 RESUME_FREE_KEYS = {"output_dir", "steps", "save_every", "keep_checkpoints", "log_every", "sample_every",
                     "sample_prompts", "sample_steps", "sample_cfg", "sample_size", "resume", "resume_allow_changes",
-                    "device", "dist_timeout_minutes"}
+                    "device", "dist_timeout_minutes", "lcm_steps", "lcm_sample_guidance"}
 
 
 def resume_differences(saved: dict, current: TrainConfig) -> list[str]:

@@ -773,9 +773,10 @@ class Trainer:
         return (raw * self._weights(lam)).mean(), raw.detach(), lam
 
     def consistency_metadata(self) -> dict:
-        """What an exported consistency student records: Stage C, sampled at `lcm_steps` without guidance (the
-        teacher's guidance is distilled into it)."""
-        return sampling.consistency_metadata("prior", self.cfg.lcm_steps, 1.0, self.cfg.lcm_guidance)
+        """What an exported consistency student records: Stage C, sampled at `lcm_steps` and `lcm_sample_guidance`
+        (1: none, the teacher's guidance being distilled into it)."""
+        cfg = self.cfg
+        return sampling.consistency_metadata("prior", cfg.lcm_steps, cfg.lcm_sample_guidance, cfg.lcm_guidance)
 
     def _control(self, images):
         from .. import controlnet_filters as cf
@@ -1182,13 +1183,13 @@ class Trainer:
 
     def sample_c(self, prompts, size, gen, model=None, steps=None, cfg_scale=None, sampler=None):
         """Stage C latents for the prompts at the inference shift: with the official sampler (`sample_steps`,
-        `sample_cfg`), or for a consistency student with "lcm" (`lcm_steps`, no guidance)."""
+        `sample_cfg`), or for a consistency student with "lcm" (`lcm_steps`, `lcm_sample_guidance`)."""
         model = model or self.trained
         n, dev = len(prompts), self.device
         consistency = self.cfg.task == "lcm" and sampler in (None, "lcm")
         sampler = sampler or ("lcm" if consistency else "official")
         if cfg_scale is None:
-            cfg_scale = 1.0 if consistency else self.cfg.sample_cfg
+            cfg_scale = self.cfg.lcm_sample_guidance if consistency else self.cfg.sample_cfg
         steps = steps or (self.cfg.lcm_steps if consistency else self.cfg.sample_steps)
         if isinstance(model, LoRAModel):
             text, pooled = model.encode(prompts, dev)
