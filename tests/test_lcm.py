@@ -119,3 +119,37 @@ def test_the_shipped_nano_lcm_lora_samples_stage_c_in_4_steps():
     assert read_lora(path, pipe.stage_c).consistency == sampling.Consistency("prior", 4, 2.0)
     pipe.load_lora(path)
     assert [(e.step, e.total) for e in prior_events(pipe)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_lcm_config_needs_a_target_network_and_a_fitting_grid():
+    from stablecascade.train.config import ConfigError, from_dict
+
+    base = dict(task="lcm", data=["x"], ema_beta=0.95)
+    with pytest.raises(ConfigError, match="ema_beta"):
+        from_dict({**base, "ema_beta": None}).validate()
+    with pytest.raises(ConfigError, match="lcm_skip"):
+        from_dict({**base, "lcm_skip": 30}).validate()
+    with pytest.raises(ConfigError, match="lora_text_layers"):
+        from_dict({**base, "lora_text_layers": "attention"}).validate()
+    from_dict(base).validate()
+
+
+def test_a_full_weight_student_exports_a_stage_c_that_says_how_to_sample_it(tmp_path, folder):
+    from safetensors import safe_open
+
+    from test_train import _cfg, _random_stage_c
+    from stablecascade import checkpoints
+    from stablecascade.train import train
+
+    stage_c = _random_stage_c(tmp_path / "c.safetensors")
+    trainer = train(_cfg(tmp_path, folder, "lcm", stage_c=str(stage_c), steps=2, lcm_student="full", ema_beta=0.9,
+                         lcm_skip=250, lcm_steps=3))
+    out = tmp_path / "run" / "final" / "stage_c.safetensors"
+    with safe_open(str(out), "pt") as f:
+        assert sampling.read_consistency(f.metadata(), str(out)) == sampling.Consistency("prior", 3, 1.0)
+    teacher = checkpoints.load_official(stage_c)
+    # the teacher stayed as loaded; the student moved away from it
+    assert all(torch.equal(a, b.float()) for a, b in zip(teacher.state_dict().values(),
+                                                         trainer.stage_c.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
+                                                     checkpoints.load_official(out).state_dict().values()))
