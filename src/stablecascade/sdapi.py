@@ -51,7 +51,7 @@ def build_router(worker, *, dependencies: list, decode: Callable, check_size: Ca
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.concurrency import run_in_threadpool
 
-    from .pipeline import default_size
+    from .geometry import default_size
     from .server import FAILURE_STATUS
     from .settings import DEFAULTS
 
