@@ -244,6 +244,10 @@ class StableCascadePipeline:
                           "sampling='official' (or another GDF sampler).", UserWarning, stacklevel=4)
         return 1.0, 1.0
 
+    def default_decoder_guidance(self, sampler: str) -> float:
+        """The Stage B guidance `sampler` uses on this model when a call gives none (see `settings`)."""
+        return DEFAULTS.decoder_guidance_for(sampling_module.get(sampler), self.decoder_guidance)
+
     def _fail_nonfinite(self, name: str) -> None:
         """Fail, naming the likely cause, instead of decoding NaN latents into a silent black picture."""
         cause = f"the LoRAs {sorted(self.loras)} at scales {list(self.loras.values())}" if self.loras else \
@@ -503,12 +507,20 @@ class StableCascadePipeline:
                              "load the pipeline in bfloat16 or float32 to use this LoRA")
         name = self._loras.add(lora, scale, name=name or (Path(path).stem if not isinstance(path, dict) else None))
         self._loras.apply(mode)
+        self._offload_swapped_in()
         return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         if self._loras is None:
             raise InputError("no LoRA is loaded")
         self._loras.set_scale(name, scale)
+        self._offload_swapped_in()
+
+    def _offload_swapped_in(self) -> None:
+        """Token LoRAs swap a new embedding module into the text encoder; under sequential offload it visits the
+        device like the module it replaces (a plain one would stay in CPU memory, its input on the device)."""
+        if self.offload == "sequential":
+            offload_module.sequential(self.text_encoder.model, self.device)
 
     def unload_loras(self) -> None:
         """Remove every LoRA: weights, tokenizer and token embeddings are restored exactly."""
@@ -538,7 +550,7 @@ class StableCascadePipeline:
         if sampling not in sampling_module.SAMPLERS:
             raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
         if decoder_guidance is None:
-            decoder_guidance = self.decoder_guidance if sampling_module.get(sampling).model_shifts else 0.0
+            decoder_guidance = self.default_decoder_guidance(sampling)
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):
