@@ -182,3 +182,19 @@ def test_offload_stays_on_the_device_and_leaves_the_weights_home(pipe, mode):
         assert all(t.device.type == "cpu" for part in parts for t in [*part.parameters(), *part.buffers()])
     else:
         assert all(t.device.type == "cpu" for part in parts for t in part.parameters())
+
+
+class OtherDeviceGenerator(torch.Generator):
+    """A generator that says it lives on `meta`. PyTorch makes generators only for devices this machine has, so it
+    stands for the caller's `torch.Generator("cuda")` of the diffusers idiom; drawing from it on the CPU is what the
+    guard flags (a CUDA generator refuses to fill a CPU tensor)."""
+
+    device = property(lambda self: META)
+
+
+def test_a_callers_generator_of_another_device_gives_the_image_of_its_seed(pipe):
+    want = pipe(["a cat", "a dog"], seed=[11, 12], **FAST)
+    per_image = [OtherDeviceGenerator().manual_seed(11), OtherDeviceGenerator().manual_seed(12)]
+    assert torch.equal(run_checked(lambda: pipe(["a cat", "a dog"], generator=per_image, **FAST)), want)
+    one = OtherDeviceGenerator().manual_seed(11)
+    assert torch.equal(run_checked(lambda: pipe("a cat", generator=one, **FAST)), pipe("a cat", seed=11, **FAST))
