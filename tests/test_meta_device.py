@@ -1,5 +1,5 @@
 """A stand-in GPU on a CPU-only machine: the stage models on the `meta` device (shapes only, no data), the text
-encoder on the CPU, and a TorchFunctionMode that flags what would crash or stall on a real accelerator:
+encoder on the CPU (with offload it visits the device too), and a TorchFunctionMode that flags what would crash or stall on a real accelerator:
 - an op whose tensor arguments span two devices (a CPU tensor of rank >= 1 meeting a meta one);
 - a random draw whose generator lives on another device than its output;
 - a host sync on device data (`.item()`, `bool()`, `.tolist()`), which also stalls a GPU loop.
