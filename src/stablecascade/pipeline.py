@@ -2,7 +2,7 @@
 
 Each mode is a thin function over two steps: `_prior` (Stage C sampling from noise or from a noised image latent,
 conditioned on text and optionally CLIP image embeddings) and `_decoder` (Stage B sampling conditioned on a
-Stage C latent, then Stage A decoding).
+Stage C latent, then Stage A decoding). `loading.load_pipeline` builds one from files; `geometry` has the size maths.
 """
 
 from __future__ import annotations
