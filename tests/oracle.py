@@ -16,8 +16,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import functools
-import gzip
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from diffusers import (
     StableCascadePriorPipeline,
     StableCascadeUNet,
 )
+from stablecascade.train.text import clip_tokenizer
 from transformers import (
     CLIPImageProcessor,
     CLIPTextConfig,
@@ -51,7 +50,7 @@ transformers.utils.logging.disable_progress_bar()  # "Writing model shards" / "L
 
 __all__ = [
     "TXT_HIDDEN", "TXT_PROJ", "IMG_PROJ", "CT", "CTA", "PRIOR_CONFIGS", "DECODER_CONFIGS", "VQ_CONFIG",
-    "bpe_path", "build_tokenizer", "tiny_text_encoder", "tiny_image_encoder", "randomize_", "diffusers_unet",
+    "build_tokenizer", "tiny_text_encoder", "tiny_image_encoder", "randomize_", "diffusers_unet",
     "diffusers_vqgan", "TinyCascade", "build_tiny_cascade", "prior_pipeline", "decoder_pipeline",
     "combined_pipeline", "save_diffusers_folders", "official_state_dict", "official_vqgan_state_dict",
 ]
@@ -59,42 +58,11 @@ __all__ = [
 # ------------------------------------------------------------------------------------------ tokenizer
 
 
-def bpe_path() -> Path:
-    """Path of ``bpe_simple_vocab_16e6.txt.gz`` from the installed ``clip`` package (not imported)."""
-    spec = importlib.util.find_spec("clip")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the openai-clip package is needed for its BPE vocabulary (pip install --no-deps openai-clip)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
-
-
-def _byte_to_unicode() -> list[str]:
-    """CLIP/GPT-2 table mapping each byte 0..255 to a printable character, in CLIP's vocabulary order."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in keep] + [chars[b] for b in range(256) if b not in keep]
-
-
 @functools.lru_cache(maxsize=None)
 def build_tokenizer() -> CLIPTokenizer:
-    """The laion bigG CLIP tokenizer rebuilt offline: 49,408 ids, pad token "!" (id 0), max length 77.
-
-    Cached: the same object is returned on every call (do not mutate it).
-    """
-    lines = gzip.open(bpe_path()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]  # line 0 is a header
-    base = _byte_to_unicode()
-    vocab = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408
-    return CLIPTokenizer(vocab={tok: i for i, tok in enumerate(vocab)}, merges=merges, pad_token="!",
-                         model_max_length=77)
+    """The laion bigG CLIP tokenizer rebuilt offline (the product's builder; both sides of a comparison must
+    tokenize alike). Cached: the same object is returned on every call (do not mutate it)."""
+    return clip_tokenizer()
 
 
 # ------------------------------------------------------------------------------------------ encoders

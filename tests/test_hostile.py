@@ -34,7 +34,7 @@ from stablecascade.configs import STAGE_C
 from stablecascade.errors import CheckpointError, InputError, LimitError
 from stablecascade.images import load_image
 from stablecascade.limits import Limits
-from stablecascade.pipeline import NANO_DIR
+from stablecascade.loading import NANO_DIR
 
 TINY = {"width": 64, "height": 64, "prior_steps": 1, "decoder_steps": 1}
 SLOW = {"width": 64, "height": 64, "prior_steps": 200, "decoder_steps": 1}  # runs until cancelled

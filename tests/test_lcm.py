@@ -112,7 +112,7 @@ def test_a_few_steps_move_the_4_step_student_toward_the_20_step_teacher(tmp_path
 
 def test_the_shipped_nano_lcm_lora_samples_stage_c_in_4_steps():
     import stablecascade
-    from stablecascade.pipeline import NANO_DIR
+    from stablecascade.loading import NANO_DIR
 
     pipe = stablecascade.load_pipeline("nano", "nano")
     path = NANO_DIR / "nano_lcm_c.safetensors"

@@ -14,7 +14,7 @@ from stablecascade.errors import CheckpointError, InputError  # noqa: E402
 from stablecascade.models.blocks import AttnBlock  # noqa: E402
 from stablecascade.lora_formats import read_lora, save_lora  # noqa: E402
 from stablecascade.models.lora import LoRAManager, LoRAWeights  # noqa: E402
-from stablecascade.pipeline import _load_text_encoder  # noqa: E402
+from stablecascade.loading import _load_text_encoder  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RANK = 2

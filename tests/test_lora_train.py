@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from stablecascade.conditioning import TextEncoder
 from stablecascade.lora_formats import read_lora
 from stablecascade.models.lora import LoRAManager, official_layer_order
-from stablecascade.pipeline import NANO_DIR
+from stablecascade.loading import NANO_DIR
 from stablecascade.train import train
 from stablecascade.train.config import ConfigError, from_dict
 from stablecascade.train.text import clip_tokenizer, small_text_model

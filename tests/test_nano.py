@@ -12,7 +12,7 @@ from PIL import Image
 import stablecascade
 from stablecascade.cli import ENV_DECODER, ENV_PRIOR, main
 from stablecascade.images import psnr
-from stablecascade.pipeline import NANO_DIR
+from stablecascade.loading import NANO_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from eval_nano import analyse  # noqa: E402

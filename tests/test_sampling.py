@@ -111,7 +111,7 @@ def test_cuda_without_a_gpu_is_one_clear_error(tiny, capsys):
 
 
 def test_default_dtype_is_float32_off_gpu():
-    from stablecascade.pipeline import default_dtype
+    from stablecascade.loading import default_dtype
 
     assert default_dtype(torch.device("cpu")) == torch.float32
     assert default_dtype(torch.device("meta")) == torch.float32

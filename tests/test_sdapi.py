@@ -129,3 +129,14 @@ def test_the_key_guards_sdapi_and_bad_fields_are_explained(served):
     assert r.status_code == 422 and "Euler a" in r.json()["detail"]
     r = httpx.post(f"{base}/sdapi/v1/txt2img", auth=("x", KEY), json={"prompt": "x", "width": 4096, "height": 4096})
     assert r.status_code == 422 and "limit" in r.json()["detail"]
+
+
+def test_decoder_guidance_defaults_to_the_pipelines_for_the_sampler(served):
+    port, _ = served
+    api = client(port)
+    assert api.get_options()["decoder_cfg_scale"] is None  # none set: each sampler's own
+    fast = dict(prompt=PROMPT, steps=1, width=64, height=64, override_settings={"decoder_steps": 1})
+    guidance = {name: api.txt2img(sampler_name=name, **fast).info["decoder_cfg_scale"] for name in ("diffusers", "DDIM")}
+    assert guidance["diffusers"] == 0.0 and guidance["DDIM"] > 1  # nano's own Stage B guidance with GDF samplers
+    set_one = {**fast, "override_settings": {"decoder_steps": 1, "decoder_cfg_scale": 2.5}}
+    assert api.txt2img(sampler_name="diffusers", **set_one).info["decoder_cfg_scale"] == 2.5

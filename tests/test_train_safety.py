@@ -255,3 +255,21 @@ def test_training_state_lands_on_the_trainers_device(tmp_path, folder):
     assert {p.device.type for p in (*trainer.trained.parameters(), *trainer.ema.parameters())} == {"meta"}
     assert {t.device.type for s in trainer.optimizer.state.values() for t in s.values() if t.dim()} == {"meta"}
     assert trainer.image_encoder.model.device.type == "meta"
+
+
+def test_the_image_encoder_loads_from_safetensors_only(tmp_path, folder):
+    """The trainer reads its CLIP image encoder as the pipeline does: a folder's safetensors weights, never a pickle
+    `.bin` (unpickling can run code)."""
+    import oracle
+
+    from stablecascade.errors import CheckpointError
+
+    encoder = oracle.tiny_image_encoder()
+    encoder.save_pretrained(tmp_path / "safe")
+    encoder.config.save_pretrained(tmp_path / "pickled")
+    torch.save(encoder.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    trainer = Trainer(_cfg(tmp_path, folder, image_encoder=str(tmp_path / "safe")))
+    state = trainer.image_encoder.model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in encoder.state_dict().items())
+    with pytest.raises(CheckpointError, match="could not load the CLIP image encoder"):
+        Trainer(_cfg(tmp_path, folder, image_encoder=str(tmp_path / "pickled")))

@@ -256,3 +256,22 @@ def test_the_status_line_says_how_many_jobs_are_ahead_and_how_far_the_running_on
         for job in (third, second, running):
             worker.cancel(job.id)
         assert running.wait(30) and running.status == "cancelled"
+
+
+def test_decoder_guidance_defaults_to_the_pipelines_for_the_chosen_sampler(pipe, tmp_path):
+    from stablecascade.jobs import Worker
+    from stablecascade.settings import DEFAULTS
+
+    with Worker(pipe) as worker:
+        official = webui.WebUI(worker, out_dir=tmp_path, defaults=SMALL)
+        diffusers = webui.WebUI(worker, out_dir=tmp_path, defaults={**SMALL, "sampling": "diffusers"})
+        values = {**diffusers.defaults, "prompt": "a fox", "negative_prompt": "", "randomize_seed": False}
+        final = list(diffusers._generate(diffusers._txt2img, values, [], "seed-box", None))[-1]
+    assert official.defaults["sampling"] == DEFAULTS.sampler == "official"
+    assert official.defaults["decoder_guidance"] == pipe.decoder_guidance == 1.1
+    assert diffusers.defaults["decoder_guidance"] == 0.0
+    assert final[diffusers._details_box]["decoder_guidance"] == 0.0  # what the job ran with
+    # picking a sampler sets the slider of its tab to that sampler's default
+    radios = {fn.inputs[0]._id for fn in official.blocks.fns.values() if fn.fn == official.decoder_guidance_for}
+    assert len(radios) == len(webui.TAB_LABELS)
+    assert [official.decoder_guidance_for(s) for s in ("diffusers", "euler", "official")] == [0.0, 1.1, 1.1]

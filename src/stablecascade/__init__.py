@@ -2,7 +2,8 @@
 
 from .errors import CheckpointError, InputError, StableCascadeError
 from .images import save_with_metadata
-from .pipeline import StableCascadePipeline, load_pipeline
+from .loading import load_pipeline
+from .pipeline import StableCascadePipeline
 
 __version__ = "0.1.0"
 __all__ = ["load_pipeline", "StableCascadePipeline", "StableCascadeError", "CheckpointError", "InputError",

@@ -60,7 +60,7 @@ def of(pipe) -> Capabilities:
         f"makes {RELEASED_LATENT_CHANNELS}")
     previews = None if pipe._previewer is not None or released_latents else (
         f"needs a Previewer for this Stage C's {c.c_out}-channel latents (--previewer)")
-    from .pipeline import RELEASED_CLIP_IMG
+    from .loading import RELEASED_CLIP_IMG
 
     variation = None if pipe._image_encoder is not None or c.c_clip_img == RELEASED_CLIP_IMG else (
         f"needs a CLIP image encoder with {c.c_clip_img}-wide embeddings for this Stage C, and none came with the "

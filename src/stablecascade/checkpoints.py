@@ -564,7 +564,7 @@ def read_json_object(path: Path, what: str) -> dict:
 
 
 def read_bundle_manifest(path: Path) -> dict:
-    """A model bundle's model.json (see pipeline.load_pipeline), checked: sizes and numbers in range, part files
+    """A model bundle's model.json (see loading.load_pipeline), checked: sizes and numbers in range, part files
     inside the bundle."""
     manifest = read_json_object(path, "model bundle manifest")
     problems = []

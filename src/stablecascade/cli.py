@@ -261,7 +261,7 @@ def _controlnet(args) -> int:
 
 def _reconstruct(args) -> int:
     from .images import load_image, psnr, resize
-    from .pipeline import round8
+    from .geometry import round8
 
     pipe = _load(args)
     for path in args.images:

@@ -1,4 +1,5 @@
-"""Text conditioning: the CLIP tokenizer and text encoder (transformers), as Stage C and Stage B consume them."""
+"""Conditioning: the CLIP tokenizer and text encoder, and the CLIP image encoder (transformers), as Stage C and
+Stage B consume them."""
 
 from __future__ import annotations
 
@@ -100,3 +101,15 @@ class ImageEncoder:
         std = torch.tensor(CLIP_STD, device=x.device)[:, None, None]
         x = ((x - mean) / std).to(device=self.model.device, dtype=self.model.dtype)
         return self.model(pixel_values=x).image_embeds.unsqueeze(1)
+
+
+def load_image_encoder(path: Union[str, Path], dtype: torch.dtype = torch.float32, device=None) -> ImageEncoder:
+    """The CLIP image encoder of a transformers folder (safetensors only), in `dtype`, on `device`. Used by the
+    pipeline (image variation) and by training alike."""
+    from transformers import CLIPVisionModelWithProjection
+
+    try:
+        model = from_pretrained(CLIPVisionModelWithProjection, path, dtype)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not load the CLIP image encoder from {path}: {e}") from None
+    return ImageEncoder(model.to(device))

@@ -10,7 +10,7 @@ from .errors import CheckpointError
 
 PRIOR_REPO = "stabilityai/stable-cascade-prior"
 DECODER_REPO = "stabilityai/stable-cascade"
-NANO = "nano"  # the built-in model (pipeline.NANO_DIR): not a Hub repo, never downloaded
+NANO = "nano"  # the built-in model (loading.NANO_DIR): not a Hub repo, never downloaded
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -29,26 +29,46 @@ def check_mode(offload) -> None:
 def move(module: nn.Module, device) -> None:
     """Every move goes through here (tests count them). Weights keep their CPU copy while they visit an accelerator:
     the way out is an asynchronous copy from pinned memory, the way home drops the device copy instead of copying
-    unchanged weights back (the offloaded models are frozen; a dtype change made on the visit is undone before)."""
+    unchanged weights back (the offloaded models are frozen; a dtype change made on the visit is undone before).
+    Each tensor object stays the one its module holds and only its contents are swapped (`torch.utils.swap_tensors`),
+    which works between any two devices (a CPU parameter's `.data` cannot take a `meta` tensor, for one)."""
     device = torch.device(device)
-    for t in _tensors(module):
-        home = getattr(t, "_offload_home", None)
-        if device.type == "cpu":
-            t.data = home if home is not None else _pinned(t.data.to("cpu"))
-            t._offload_home = None
-        elif t.device != device:
-            t._offload_home = t.data if t.device.type == "cpu" else None
-            t.data = t.data.to(device, non_blocking=True)
+    for m in module.modules():
+        homes = m.__dict__.setdefault("_offload_homes", {})  # name -> the tensor holding the CPU contents
+        for name, t in _own_tensors(m):
+            if device.type == "cpu":
+                home = homes.pop(name, None)
+                if home is None and t.device.type == "cpu" and not _can_pin(t):
+                    continue
+                _swap(t, home if home is not None else _pinned(t.to("cpu")))
+            elif t.device != device:
+                previous = _swap(t, t.to(device, non_blocking=True))
+                if previous.device.type == "cpu":
+                    homes[name] = previous
 
 
-def _tensors(module: nn.Module):
-    yield from module.parameters()
-    yield from module.buffers()
+def _own_tensors(m: nn.Module):
+    """(name, tensor) of the parameters and buffers `m` holds itself (not its children's)."""
+    for table in (m._parameters, m._buffers):
+        yield from ((name, t) for name, t in table.items() if t is not None)
+
+
+def _swap(t: torch.Tensor, contents: torch.Tensor) -> torch.Tensor:
+    """Give `t` the contents of `contents` (keeping `t`'s kind: parameter or buffer); returns the object now holding
+    `t`'s former contents."""
+    if isinstance(t, nn.Parameter) and not isinstance(contents, nn.Parameter):
+        contents = nn.Parameter(contents, requires_grad=t.requires_grad)
+    torch.utils.swap_tensors(t, contents)
+    return contents
+
+
+def _can_pin(t: torch.Tensor) -> bool:
+    """Whether page-locking `t` would let a CUDA device read it asynchronously (and it is not locked yet)."""
+    return torch.cuda.is_available() and not t.is_pinned()
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """Page-locked when a CUDA device can read it asynchronously; as it is otherwise."""
-    return t.pin_memory() if torch.cuda.is_available() and not t.is_pinned() else t
+    return t.pin_memory() if _can_pin(t) else t
 
 
 @contextlib.contextmanager
@@ -83,15 +103,18 @@ def _units(module: nn.Module):
 
 def sequential(module: nn.Module, device, home="cpu") -> nn.Module:
     """Sequential offload: each unit's weights stay `home` and visit `device` for each call (inputs are moved
-    there too). Tensors held directly by container modules (rare and small) live on `device` for good."""
-    unit_ids = {id(u) for u in _units(module)}
+    there too). Tensors held directly by container modules (rare and small) live on `device` for good. Calling it
+    again on the same module sets up only the units added since (e.g. the embedding a token LoRA swaps in)."""
+    units = list(_units(module))
+    unit_ids, in_units = {id(u) for u in units}, {id(m) for u in units for m in u.modules()}
     for m in module.modules():
-        if id(m) in unit_ids:
+        if id(m) in in_units:
             continue
-        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
-            if t is not None:
-                t.data = t.data.to(device)
-    for unit in (u for u in module.modules() if id(u) in unit_ids):
+        for _, t in _own_tensors(m):
+            if t.device != torch.device(device):
+                _swap(t, t.to(device))
+    for unit in (u for u in module.modules() if id(u) in unit_ids and not hasattr(u, "_offload_device")):
+        unit._offload_device = torch.device(device)  # units set up before (a second call) keep their hooks
         move(unit, home)
 
         def pre(m, args, kwargs):

@@ -2,7 +2,7 @@
 
 Each mode is a thin function over two steps: `_prior` (Stage C sampling from noise or from a noised image latent,
 conditioned on text and optionally CLIP image embeddings) and `_decoder` (Stage B sampling conditioned on a
-Stage C latent, then Stage A decoding).
+Stage C latent, then Stage A decoding). `loading.load_pipeline` builds one from files; `geometry` has the size maths.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from . import checkpoints, controlnets, diffusion, hub, limits
 from . import sampling as sampling_module
 from . import offload as offload_module
-from .conditioning import ImageEncoder, TextEncoder, from_pretrained, load_text_encoder
+from .conditioning import ImageEncoder, TextEncoder, load_image_encoder
 from .errors import CheckpointError, InputError, UnsupportedError
 from .geometry import (COMPRESSION, EFFNET_FACTOR, STAGE_A_FACTOR, check_compression as _check_compression,
                        default_size, latent_sizes, round8)
@@ -34,12 +34,7 @@ from .settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 
 log = logging.getLogger(__name__)
 
-RELEASED_CLIP_IMG = 768  # embedding width of the released CLIP ViT-L image encoder
-PRIOR_KEYS = {"stage_c", "text_encoder", "tokenizer", "image_encoder"}
-DECODER_KEYS = {"stage_b", "stage_a", "text_encoder", "tokenizer"}
 TILED_DECODE_AREA = 2048 * 2048  # Stage A decodes larger images in tiles (unless told otherwise)
-NANO_DIR = Path(__file__).parent / "assets" / "nano"  # hub.NANO, made by scripts/train_nano.py
-Source = Union[str, Path, Mapping[str, Union[str, Path]]]
 ImageInput = Union[str, Path, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 PreviewCallback = Callable[[int, torch.Tensor], None]
 
@@ -158,7 +153,7 @@ class StableCascadePipeline:
             raise UnsupportedError(f"image variation cannot run here: {reason}")
         if not isinstance(self._image_encoder, ImageEncoder):
             path = self._image_encoder or hub.snapshot(hub.PRIOR_REPO, ("image_encoder",)) / "image_encoder"
-            self._image_encoder = _load_image_encoder(path, self.dtype, self.device)
+            self._image_encoder = load_image_encoder(path, self.dtype, self.device)
         width = self._image_encoder.model.config.projection_dim
         if width != self.stage_c.config.c_clip_img:
             raise CheckpointError(f"the image encoder gives {width}-wide embeddings, Stage C expects "
@@ -250,6 +245,10 @@ class StableCascadePipeline:
                           f"sampler {sampler!r} samples without shifts and will give poor images. Use "
                           "sampling='official' (or another GDF sampler).", UserWarning, stacklevel=4)
         return 1.0, 1.0
+
+    def default_decoder_guidance(self, sampler: str) -> float:
+        """The Stage B guidance `sampler` uses on this model when a call gives none (see `settings`)."""
+        return DEFAULTS.decoder_guidance_for(sampling_module.get(sampler), self.decoder_guidance)
 
     def _fail_nonfinite(self, name: str) -> None:
         """Fail, naming the likely cause, instead of decoding NaN latents into a silent black picture."""
@@ -510,12 +509,20 @@ class StableCascadePipeline:
                              "load the pipeline in bfloat16 or float32 to use this LoRA")
         name = self._loras.add(lora, scale, name=name or (Path(path).stem if not isinstance(path, dict) else None))
         self._loras.apply(mode)
+        self._offload_swapped_in()
         return name
 
     def set_lora_scale(self, name: str, scale: float) -> None:
         if self._loras is None:
             raise InputError("no LoRA is loaded")
         self._loras.set_scale(name, scale)
+        self._offload_swapped_in()
+
+    def _offload_swapped_in(self) -> None:
+        """Token LoRAs swap a new embedding module into the text encoder; under sequential offload it visits the
+        device like the module it replaces (a plain one would stay in CPU memory, its input on the device)."""
+        if self.offload == "sequential":
+            offload_module.sequential(self.text_encoder.model, self.device)
 
     def unload_loras(self) -> None:
         """Remove every LoRA: weights, tokenizer and token embeddings are restored exactly."""
@@ -545,7 +552,7 @@ class StableCascadePipeline:
         if sampling not in sampling_module.SAMPLERS:
             raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
         if decoder_guidance is None:
-            decoder_guidance = self.decoder_guidance if sampling_module.get(sampling).model_shifts else 0.0
+            decoder_guidance = self.default_decoder_guidance(sampling)
         prior_sampling, prior_steps, prior_guidance = sampling_module.consistency_plan(
             self._loras and self._loras.consistency, sampling, prior_steps, prior_guidance)
         width = self.native_size if width is None else width
@@ -605,174 +612,3 @@ def _seeds(seed, batch: int) -> list:
     if len(seed) != batch:
         raise InputError(f"got {len(seed)} seeds for {batch} images; give one seed, or one per image")
     return list(seed)
-
-
-# ---------------------------------------------------------------------------------------------- loading
-def _resolve(source: Source, role: str, variant: Optional[str]) -> dict:
-    """Map a prior/decoder source to {component: path}. Components: see PRIOR_KEYS / DECODER_KEYS."""
-    allowed = PRIOR_KEYS if role == "prior" else DECODER_KEYS
-    subfolders = {"prior": ("prior", "text_encoder", "tokenizer"), "decoder": ("decoder", "vqgan")}[role]
-    if isinstance(source, Mapping):
-        unknown = set(source) - allowed
-        if unknown:
-            raise InputError(f"unknown {role} component(s) {sorted(unknown)}; use {sorted(allowed)}")
-        return {k: Path(v) for k, v in source.items()}
-    text = str(source)
-    path = Path(text).expanduser()
-    if not path.exists():
-        if not hub.looks_like_repo_id(text):
-            raise CheckpointError(f"{role} not found: {text!r} is neither a file, a folder nor a Hub repo id "
-                                  "like 'stabilityai/stable-cascade-prior'.")
-        path = hub.snapshot(text, subfolders, variant)
-    if path.is_file():
-        return {"stage_c" if role == "prior" else "stage_b": path}
-    main = path / subfolders[0]
-    if not main.is_dir():
-        if (path / "config.json").is_file():  # a single diffusers model folder
-            return {"stage_c" if role == "prior" else "stage_b": path}
-        raise CheckpointError(f"{path} is not a diffusers {role} pipeline folder: it has no {subfolders[0]}/ "
-                              "subfolder (nor a config.json of its own).")
-    parts = {"stage_c" if role == "prior" else "stage_b": main}
-    for key, sub in (("stage_a", "vqgan"), ("text_encoder", "text_encoder"), ("tokenizer", "tokenizer"),
-                     ("image_encoder", "image_encoder")):
-        if key in allowed and (path / sub).is_dir():
-            parts[key] = path / sub
-    return parts
-
-
-def _load_text_encoder(parts: dict, dtype, device) -> TextEncoder:
-    def where(key):
-        value = parts.get(key) or parts.get("text_encoder")
-        if value is None:  # official single files carry no text encoder: use the released one
-            return hub.snapshot(hub.PRIOR_REPO, ("text_encoder", "tokenizer")) / key
-        return value
-
-    return load_text_encoder(where("text_encoder"), where("tokenizer"), dtype=dtype, device=device)
-
-
-def _load_image_encoder(path, dtype, device) -> ImageEncoder:
-    from transformers import CLIPVisionModelWithProjection
-
-    try:
-        model = from_pretrained(CLIPVisionModelWithProjection, path, dtype)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not load the CLIP image encoder from {path}: {e}") from None
-    return ImageEncoder(model.to(device))
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPUs that compute in it natively (compute capability 8.0, Ampere, and later: older ones emulate
-    it slowly, though `torch.cuda.is_bf16_supported()` says yes), else float32."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return torch.float32
-
-
-def check_device(device) -> torch.device:
-    """The device, or a clear error when it does not exist here."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {device!r}; use e.g. 'cuda', 'cuda:1' or 'cpu'") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError(f"device {str(device)!r} was asked for, but PyTorch finds no usable CUDA GPU here (no "
-                             "GPU, a driver older than this PyTorch build, or a CPU-only build); use device 'cpu'")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"device {str(device)!r} does not exist: this machine has "
-                             f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    return device
-
-
-def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_REPO, *, device=None, dtype=None,
-                  effnet: Union[str, Path, torch.nn.Module, None] = None,
-                  previewer: Union[str, Path, torch.nn.Module, None] = None,
-                  offload: Optional[str] = None) -> StableCascadePipeline:
-    """Load Stage C (+ text encoder) from `prior` and Stage B + Stage A from `decoder`.
-
-    Each may be a diffusers-layout pipeline folder, a Hub repo id, a single official .safetensors file, or a
-    mapping of components to paths: prior {"stage_c", "text_encoder", "tokenizer", "image_encoder"}, decoder
-    {"stage_b", "stage_a"} (official files or diffusers model folders). `effnet` and `previewer` are official
-    files or loaded modules (default: the released ones from the Hub, fetched when first needed). Stage A, the
-    EfficientNet encoder and the Previewer run in float32 (they are small).
-
-    dtype=torch.float16 rescales Stage C's last block group so its activations fit float16 (same function, see
-    `StageC.rescale_for_fp16`); a stage that still overflows warns and finishes in float32. `offload` ("model" or
-    "sequential") keeps the big parts in CPU memory, see `StableCascadePipeline`.
-
-    "nano" (for both) is the built-in model: a tiny cascade trained on 64x64 coloured shapes ("a red circle at
-    the top left on a blue background") that runs offline in a second; its own encoder and Previewer come with it.
-    Any folder laid out like it (model.json, prior/, decoder/; scripts/train_nano.py writes one) loads the same way."""
-    offload_module.check_mode(offload)
-    if dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
-        raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
-    device = check_device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
-    load_device = torch.device("cpu") if offload else device
-    model_defaults = {}  # what a bundle's model.json sets; the constructor's defaults are the released models'
-    bundle = _bundle(prior)
-    if bundle is not None:
-        from .models.effnet import load_nano_encoder
-
-        manifest = checkpoints.read_bundle_manifest(bundle / "model.json")
-        prior = bundle / "prior"
-        model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
-                              decoder_guidance=manifest["decoder_guidance"], shifts_required=True,
-                              predictions=tuple(manifest.get("predictions", ("eps", "eps"))),
-                              prompt_examples=manifest.get("examples"))
-        effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
-        previewer = previewer or bundle / manifest["previewer"]
-    bundle = _bundle(decoder)
-    if bundle is not None:
-        decoder = bundle / "decoder"
-    variant = "bf16" if dtype == torch.bfloat16 else None
-    prior_parts, decoder_parts = _resolve(prior, "prior", variant), _resolve(decoder, "decoder", variant)
-    for role, parts, key in (("prior", prior_parts, "stage_c"), ("decoder", decoder_parts, "stage_b")):
-        if key not in parts:
-            raise InputError(f"the {role} mapping needs a {key!r} entry")
-    if "stage_a" not in decoder_parts:
-        decoder_parts["stage_a"] = hub.file(hub.DECODER_REPO, "stage_a.safetensors")
-
-    model_defaults.update(_recorded_settings(prior_parts["stage_c"], decoder_parts["stage_b"], model_defaults))
-    stage_c = checkpoints.load_component(prior_parts["stage_c"], "stage_c", dtype=dtype, device=load_device)
-    if dtype == torch.float16:
-        stage_c.rescale_for_fp16()
-    stage_b = checkpoints.load_component(decoder_parts["stage_b"], "stage_b", dtype=dtype, device=load_device)
-    stage_a = checkpoints.load_component(decoder_parts["stage_a"], "stage_a", dtype=torch.float32, device=load_device)
-    text_parts = prior_parts if ("text_encoder" in prior_parts or "text_encoder" not in decoder_parts) else decoder_parts
-    text_encoder = _load_text_encoder(text_parts, dtype, load_device)
-    return StableCascadePipeline(stage_c, stage_b, stage_a, text_encoder, device=device, dtype=dtype,
-                                 image_encoder=prior_parts.get("image_encoder"),
-                                 effnet=_part(effnet), previewer=_part(previewer), offload=offload,
-                                 **model_defaults)
-
-
-def _recorded_settings(stage_c_path, stage_b_path, defaults: dict) -> dict:
-    """Prediction targets and shifts recorded in the stage files (by our trainer), over the bundle's/released."""
-    recorded = [sampling_module.read_model_metadata(p) for p in (stage_c_path, stage_b_path)]
-    if not any(recorded):
-        return {}
-    shifts = list(defaults.get("official_shifts", RELEASED_SHIFTS))
-    predictions = list(defaults.get("predictions", ("eps", "eps")))
-    for i, found in enumerate(recorded):
-        shifts[i] = found.get("shift", shifts[i])
-        predictions[i] = found.get("prediction", predictions[i])
-    return dict(official_shifts=tuple(shifts), predictions=tuple(predictions), shifts_required=True)
-
-
-def _bundle(source: Source) -> Optional[Path]:
-    """A model bundle: a folder with model.json, prior/ and decoder/ (what scripts/train_nano.py writes; "nano" is
-    the built-in one), or None."""
-    if isinstance(source, Mapping):
-        return None
-    path = NANO_DIR if str(source) == hub.NANO else Path(source).expanduser()
-    return path if (path / "model.json").is_file() else None
-
-
-def _part(value):
-    """An optional part as the pipeline holds it: a loaded module, a path to load on first use, or None."""
-    return value if value is None or isinstance(value, torch.nn.Module) else Path(value)

@@ -5,7 +5,8 @@ Its fields map onto Stable Cascade's stages: `steps` and `cfg_scale` are Stage C
 picture), `batch_size` x `n_iter` images are made in one job, `seed` -1 is random and image i gets seed + i,
 `sampler_name` is a sampler's A1111 name ("Euler a", ...) or its stablecascade name, `denoising_strength` is
 img2img's strength. Stage B's steps and guidance come from the server options (`decoder_steps`,
-`decoder_cfg_scale`; GET/POST /sdapi/v1/options) or a request's `override_settings`. Requests go through the same
+`decoder_cfg_scale`, null for the pipeline's default for the sampler; GET/POST /sdapi/v1/options) or a request's
+`override_settings`. Requests go through the same
 API key (also accepted as HTTP Basic auth's password, which is how A1111 clients send credentials), queue and
 limits as /v1. Fields A1111 has and Stable Cascade does not (hires fix, face restoration, scripts) are ignored.
 """
@@ -51,14 +52,14 @@ def build_router(worker, *, dependencies: list, decode: Callable, check_size: Ca
     from pydantic import BaseModel, ConfigDict, Field
     from starlette.concurrency import run_in_threadpool
 
-    from .pipeline import default_size
+    from .geometry import default_size
     from .server import FAILURE_STATUS
     from .settings import DEFAULTS
 
     pipe = worker.pipe
     native = pipe.native_size
     options = {"sd_model_checkpoint": model_name, "decoder_steps": DEFAULTS.decoder_steps,
-               "decoder_cfg_scale": pipe.decoder_guidance, "samples_format": "png"}
+               "decoder_cfg_scale": None, "samples_format": "png"}  # None: the pipeline's default for the sampler
 
     class Txt2ImgRequest(BaseModel):
         """AUTOMATIC1111's txt2img request; its other fields are accepted and ignored."""
@@ -97,7 +98,8 @@ def build_router(worker, *, dependencies: list, decode: Callable, check_size: Ca
         check_size(kwargs["width"], kwargs["height"])
         kwargs.update(prompt=body.prompt, negative_prompt=body.negative_prompt, prior_steps=body.steps,
                       prior_guidance=body.cfg_scale, decoder_steps=int(stage_b["decoder_steps"]),
-                      decoder_guidance=float(stage_b["decoder_cfg_scale"]),
+                      decoder_guidance=pipe.default_decoder_guidance(sampler) if stage_b["decoder_cfg_scale"] is None
+                      else float(stage_b["decoder_cfg_scale"]),
                       num_images_per_prompt=body.batch_size * body.n_iter, seed=seed, sampling=sampler)
         return kwargs, {k: v for k, v in kwargs.items() if isinstance(v, (str, int, float, bool))}
 
@@ -182,7 +184,7 @@ def build_router(worker, *, dependencies: list, decode: Callable, check_size: Ca
             raise HTTPException(422, f"this server serves {model_name!r} only")
         for key, limit in (("decoder_steps", 200), ("decoder_cfg_scale", 50)):
             if key in known and not (isinstance(known[key], (int, float)) and math.isfinite(known[key])
-                                     and 0 <= known[key] <= limit):
+                                     and 0 <= known[key] <= limit) and (key, known[key]) != ("decoder_cfg_scale", None):
                 raise HTTPException(422, f"{key} must be a number from 0 to {limit}")
         options.update(known)
 

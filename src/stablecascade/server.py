@@ -333,7 +333,7 @@ def create_app(pipe=None, *, worker: Optional[Worker] = None, api_key: Optional[
     from fastapi_offline import FastAPIOffline
     from starlette.concurrency import run_in_threadpool
 
-    from .pipeline import default_size
+    from .geometry import default_size
 
     if (pipe is None) == (worker is None):
         raise InputError("create_app needs either a pipeline or a worker")

@@ -22,6 +22,14 @@ class InferenceSettings:
     num_images: int = 1  # per prompt
     compression: float = 42.67  # image pixels per Stage C latent cell (1024 px -> 24 cells)
 
+    def decoder_guidance_for(self, sampler, model_guidance: float) -> float:
+        """The Stage B guidance of a call that gives none, for `sampler` (a `sampling.Sampler`) on a model whose own
+        is `model_guidance`: `decoder_guidance` when set, else the model's with the samplers that run at the
+        model's shifts, and 0 with the unshifted "diffusers" one (as diffusers' pipeline)."""
+        if self.decoder_guidance is not None:
+            return self.decoder_guidance
+        return model_guidance if sampler.model_shifts else 0.0
+
 
 DEFAULTS = InferenceSettings()
 

@@ -1,8 +1,9 @@
 """`stablecascade ui`: a Gradio app over one shared pipeline (a thin shell: parsing and presenting only).
 
 Tabs for text-to-image, image variation, image-to-image, ControlNet and LoRA, each with its advanced settings
-(defaults of the official Gradio app: seed 0 randomised, prior 20 steps at guidance 4, decoder 10 steps; size and
-decoder guidance are the model's own: 1024x1024 and 0 for the released models). Jobs go to the same `jobs.Worker`
+(defaults of the official Gradio app: seed 0 randomised, prior 20 steps at guidance 4, decoder 10 steps; the size is
+the model's own, 1024x1024 for the released models, and the decoder guidance the pipeline's default for the chosen
+sampler, set again when another sampler is picked: 1.1 for the released models, 0 with "diffusers"). Jobs go to the same `jobs.Worker`
 the HTTP API uses, so one model serves every user: the worker's queue holds jobs in line (the status line says how
 many are ahead) and runs one at a time. While Stage C runs, the Previewer's picture of the current estimate is streamed; finished
 images land in a gallery (newest first, captions with their settings, full parameters of the selected image) and are
@@ -82,14 +83,18 @@ class WebUI:
         self.worker = worker
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="stablecascade-ui-"))
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size,
-                  "decoder_guidance": worker.pipe.decoder_guidance}
+        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size}
         self.defaults = {**DEFAULTS, **native, **(defaults or {})}
+        self.defaults.setdefault("decoder_guidance", self.decoder_guidance_for(self.defaults["sampling"]))
         self.title = title
         self.caps = worker.capabilities()
         self._session_jobs: dict = {}
         self._lock = threading.Lock()
         self.blocks = self._build()
+
+    def decoder_guidance_for(self, sampler: str) -> float:
+        """The decoder guidance slider's value for `sampler`: the pipeline's default (0 for "diffusers")."""
+        return self.worker.pipe.default_decoder_guidance(sampler)
 
     # ----------------------------------------------------------------------------------------- layout
     def _advanced(self, gr, tab: str, size_from_input: bool = False) -> dict:
@@ -125,6 +130,8 @@ class WebUI:
                 c["compression"] = gr.Slider(16, 64, value=d["compression"], step=0.01,
                                              label="Compression (lower: more detail, slower)")
                 c["sampling"] = gr.Radio(list(SAMPLERS), value=d["sampling"], label="Sampler")
+            c["sampling"].input(self.decoder_guidance_for, c["sampling"], c["decoder_guidance"], queue=False,
+                                api_name=False)
             c["previews"] = gr.Checkbox(label="Live previews (Stage C)", value=d["previews"])
         return c
 

@@ -136,7 +136,7 @@ def nano_part(spec: Optional[str], part: str) -> Optional[str]:
     """"nano" names a part of the built-in nano model, so recipes for it need no paths; other specs pass through."""
     if spec != "nano":
         return spec
-    from ..pipeline import NANO_DIR
+    from ..loading import NANO_DIR
 
     return str(NANO_DIR / NANO_PARTS[part])
 
@@ -489,10 +489,9 @@ class Trainer:
         self.tokenizer, self.text_model = text if text else (None, None)
         self.image_encoder = parts.get("image_encoder")
         if self.image_encoder is None and cfg.image_encoder:
-            from ..conditioning import ImageEncoder
-            from transformers import CLIPVisionModelWithProjection
+            from ..conditioning import load_image_encoder
 
-            self.image_encoder = ImageEncoder(CLIPVisionModelWithProjection.from_pretrained(cfg.image_encoder))
+            self.image_encoder = load_image_encoder(cfg.image_encoder)
         needs = {"c": ("stage_c", "effnet", "text_model"), "b": ("stage_b", "stage_a", "effnet", "text_model"),
                  "lora": ("stage_c", "effnet", "text_model"), "controlnet": ("stage_c", "effnet", "text_model"),
                  "lcm": ("stage_c", "effnet", "text_model")}[task]
