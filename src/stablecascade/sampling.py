@@ -16,12 +16,16 @@ k-diffusion uses; their last step goes to σ = 0, so `steps` model calls give th
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 from . import diffusion
+from .errors import CheckpointError
+from .settings import DEFAULTS
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -129,8 +133,6 @@ class Consistency:
 
 
 def consistency_metadata(stage: str, steps: int, guidance: float, teacher_guidance: float) -> dict:
-    import json
-
     return {CONSISTENCY_KEY: json.dumps({"kind": "lcm", "stage": stage, "steps": int(steps),
                                          "guidance": float(guidance), "teacher_guidance": float(teacher_guidance)})}
 
@@ -138,11 +140,6 @@ def consistency_metadata(stage: str, steps: int, guidance: float, teacher_guidan
 def read_consistency(meta: dict, source: str) -> Optional[Consistency]:
     """The `Consistency` a file's metadata records (None when it is no consistency model); CheckpointError when the
     record is broken."""
-    import json
-    import math
-
-    from .errors import CheckpointError
-
     if CONSISTENCY_KEY not in meta:
         return None
     try:
@@ -162,8 +159,6 @@ def consistency_plan(consistency: Optional[Consistency], sampler: str, steps: in
     """(sampler, steps, guidance) for Stage C: a consistency-distilled one (its LoRA loaded) samples with "lcm" at its
     recommended steps and guidance, unless the call chose another sampler, or steps or guidance other than the
     defaults."""
-    from .settings import DEFAULTS
-
     if consistency is None or sampler not in (DEFAULTS.sampler, "lcm"):
         return sampler, steps, guidance
     return ("lcm", consistency.steps if steps == DEFAULTS.prior_steps else steps,

@@ -299,9 +299,10 @@ class LoRAManager:
 
     @property
     def consistency(self):
-        """The `Consistency` of the first loaded consistency LoRA at a non-zero scale, else None."""
+        """The `Consistency` of the first loaded consistency LoRA of Stage C at a non-zero scale, else None."""
         return next((lora.consistency for name, lora in self.loras.items()
-                     if lora.consistency is not None and self.scales[name] != 0), None)
+                     if lora.consistency is not None and lora.consistency.stage == "prior" and self.scales[name] != 0),
+                    None)
 
     def _get(self, name):
         if name not in self.loras:
