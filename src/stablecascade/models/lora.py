@@ -145,7 +145,7 @@ def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str
     for name, m in model.named_modules():
         if not name or not any(p.search(name) for p in patterns):
             continue
-        if isinstance(getattr(m, "in_proj_weight", None), nn.Parameter):
+        if isinstance(getattr(m, "in_proj_weight", None), torch.Tensor):  # a Parameter, or a parametrized one
             targets.append((name, "in_proj_weight"))
         elif isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
             targets.append((name, "weight"))

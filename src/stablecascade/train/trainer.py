@@ -41,12 +41,12 @@ from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAW
 from .config import ConfigError, TrainConfig, resume_differences
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
 from .statefile import read_state, write_state
+from .storage import mmap_large_allocations, store_frozen
 from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
 KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c"}
-FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -416,6 +416,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = torch.device("cpu")
+        if self.device.type == "cpu":
+            mmap_large_allocations()  # else the heap fragments and a step's resident memory keeps growing
         self.out = Path(cfg.output_dir)
         self._agree(output_dir_problem(self.out) if self.dist.main else None)  # before any model is loaded
         self.local_batch = cfg.batch_size // cfg.grad_accum_steps
@@ -441,13 +443,19 @@ class Trainer:
         self._resume()
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the models' matmuls run in: bf16 for `dtype: bf16`, fp16 for frozen models stored in fp16, else
+        float32 (frozen weights stored in bf16 or int8 are then expanded to float32 one layer at a time)."""
+        if self.cfg.dtype == "bf16":
+            return torch.bfloat16
+        return torch.float16 if self.cfg.frozen_dtype == "fp16" else torch.float32
+
+    @property
     def autocast(self):
-        """A fresh autocast context: bf16 for `dtype: bf16`, and the frozen models' dtype when they are stored in
-        bf16/fp16 (their matmuls then run in that dtype, norms and the trained fp32 parameters' updates in fp32)."""
-        if self.cfg.dtype != "bf16" and self.cfg.frozen_dtype == "fp32":
+        """A fresh autocast context in `compute_dtype` (norms and the trained fp32 parameters' updates stay fp32)."""
+        if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()  # an autocast of a device without one fails even when disabled
-        dtype = FROZEN_DTYPES[self.cfg.frozen_dtype] if self.cfg.frozen_dtype != "fp32" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -494,7 +502,7 @@ class Trainer:
             if m is not None:
                 m.to(self.device).eval().requires_grad_(False)
                 if name != trained_name:
-                    m.to(FROZEN_DTYPES[cfg.frozen_dtype])
+                    store_frozen(m, cfg.frozen_dtype, self.compute_dtype)
         if cfg.gradient_checkpointing:  # the trained U-Net, or the frozen Stage C that LoRA/ControlNet grads cross
             enable_checkpointing(getattr(self, trained_name or "stage_c"))
         if task in ("c", "b"):
