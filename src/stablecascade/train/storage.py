@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ..models.lora import has_parameter
+
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 
 
@@ -49,7 +51,7 @@ def weight_matrices(model: nn.Module) -> list[tuple[nn.Module, str]]:
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
             found.append((m, "weight"))
-        if isinstance(getattr(m, "in_proj_weight", None), torch.Tensor):  # a Parameter, or a parametrized one
+        if has_parameter(m, "in_proj_weight"):
             found.append((m, "in_proj_weight"))
     return found
 
