@@ -1,7 +1,7 @@
 """Peak memory of one LoRA training step on Stage C: random weights built directly in the frozen dtype (no fp32
 copy ever exists), the EfficientNet encoder, a text encoder of CLIP bigG's size (32 layers, 1280 wide), rank-4 LoRA
 on every attention layer, batch 1. Peak RSS from /proc (VmHWM), reset after the models are built, so the step's
-own peak is measured as well as the total.
+own peak is measured as well as the total; with --device cuda also the GPU's peak allocated memory.
 
     python bench/bench_train_memory.py [--variant 3b] [--size 1024] [--frozen-dtype bf16|int8] [--dtype fp32|bf16]
                                        [--no-checkpointing] [--c-blocks 1,1]
@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import DTYPES, machine, parser, random_model, setup, stage_c_config
+from common import DTYPES, machine, parser, random_model, setup, stage_c_config, sync
 
 import torch  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> None:
     cfg = from_dict(dict(task="lora", output_dir=str(work / "run"), data=[str(work / "data")], image_size=args.size,
                          batch_size=1, steps=1, frozen_dtype=args.frozen_dtype, dtype=args.dtype,
                          gradient_checkpointing=not args.no_checkpointing, num_workers=0, caption_dropout=0.0,
-                         resume="never")).validate()
+                         resume="never", device=args.device)).validate()
     trainer = Trainer(cfg, parts=parts)
     parts.clear()
     built = time.perf_counter() - t0
@@ -86,8 +86,13 @@ def main() -> None:
     trained = sum(p.numel() for p in trainer.trained.parameters() if p.requires_grad)
     loaded_rss, build_peak = rss_gib("VmRSS"), rss_gib("VmHWM")
     reset_peak()
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        loaded_gpu = torch.cuda.memory_allocated() / 2**30
     t0 = time.perf_counter()
     record = trainer.train_step()
+    sync(args.device)
     step_s = time.perf_counter() - t0
     peak = rss_gib("VmHWM")
     print(machine(args))
@@ -98,6 +103,9 @@ def main() -> None:
           f"peak {build_peak:.2f} GiB while building)")
     print(f"peak RSS of the step {peak:.2f} GiB (+{peak - loaded_rss:.2f} GiB over the loaded models), "
           f"step {step_s:.0f} s, loss {record['loss']:.4f}, grad norm {record['grad_norm']:.3g}")
+    if cuda:
+        print(f"GPU memory: {loaded_gpu:.2f} GiB with the models, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} "
+              "GiB allocated in the step")
 
 
 if __name__ == "__main__":
