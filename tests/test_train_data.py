@@ -108,6 +108,29 @@ def test_frozen_storage_trains_fp32_lora(tmp_path, folder, text, frozen, dtype, 
     assert ours["loss"] == pytest.approx(records["fp32"]["loss"], rel=0.05)
 
 
+@pytest.mark.parametrize("frozen, read_as", [("bf16", torch.bfloat16), ("int8", torch.bfloat16)])
+def test_frozen_stage_c_is_read_in_its_storage_dtype(tmp_path, folder, text, monkeypatch, frozen, read_as):
+    """A LoRA run reads the Stage C file straight into bf16 (int8 is quantized from it), never into a float32
+    copy first (the 3.6B model would need 14 GB for that)."""
+    from stablecascade import checkpoints
+    from stablecascade.train import trainer as trainer_mod
+
+    path = tmp_path / "stage_c.safetensors"
+    checkpoints.save_official(random_tiny_stage_c(), path)
+    read = []
+    load = checkpoints.load_component
+
+    def spy(*args, **kw):
+        model = load(*args, **kw)
+        read.append({p.dtype for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(trainer_mod.checkpoints, "load_component", spy)
+    cfg = _cfg(tmp_path, folder, "lora", stage_c=str(path), frozen_dtype=frozen, steps=1)
+    Trainer(cfg, parts=_parts(text))
+    assert read == [{read_as}]
+
+
 def test_int8_storage_expands_to_the_quantized_weight_under_the_lora():
     from torch.nn.utils import parametrize
 

@@ -56,6 +56,11 @@ def weight_matrices(model: nn.Module) -> list[tuple[nn.Module, str]]:
     return found
 
 
+def load_dtype(storage: str) -> torch.dtype:
+    """The dtype to read a frozen model's file in: its storage dtype; bf16 for int8 (quantized once loaded)."""
+    return torch.bfloat16 if storage == "int8" else STORAGE_DTYPES[storage]
+
+
 def needs_expansion(storage: str, compute: torch.dtype) -> bool:
     return storage == "int8" or (storage in ("bf16", "fp16") and compute == torch.float32)
 
