@@ -58,6 +58,7 @@ def main() -> None:
 
     from stablecascade.models import EfficientNetEncoder
     from stablecascade.train.config import from_dict
+    from stablecascade.train.storage import mmap_large_allocations
     from stablecascade.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="bench_mem_"))
@@ -65,6 +66,7 @@ def main() -> None:
     Image.new("RGB", (args.size, args.size), (120, 80, 40)).save(work / "data" / "0.png")
     (work / "data" / "0.txt").write_text("a photo of a brown square")
     frozen = DTYPES.get(args.frozen_dtype, torch.bfloat16)  # int8 weights are quantized from bf16 ones
+    mmap_large_allocations()  # what the trainer sets, set before building as a run reading files does
     base_rss = rss_gib("VmRSS")
     t0 = time.perf_counter()
     from stablecascade import configs
