@@ -1,6 +1,7 @@
-"""Training memory, data and logging: frozen models stored in bf16 or int8, gradient checkpointing for every task, 8-bit AdamW's
-message, LR schedules against diffusers', kohya folder repeats and tag shuffling, automatic buckets, the DataLoader
-read-ahead keeping the checkpointed position exact, the latent/text caches, TensorBoard logging."""
+"""Training memory, data and logging: frozen models stored in bf16 or int8, glibc returning freed blocks, gradient
+checkpointing for every task, 8-bit AdamW's message, LR schedules against diffusers', kohya folder repeats and tag
+shuffling, automatic buckets, the DataLoader read-ahead keeping the checkpointed position exact, the latent/text
+caches, TensorBoard logging."""
 
 import math
 import os
@@ -147,7 +148,8 @@ def test_int8_storage_expands_to_the_quantized_weight_under_the_lora():
     assert q.dtype == torch.int8 and q.abs().max() == 127
     assert ((layer.weight - w).abs() <= scale / 2 + 1e-7).all()  # within half a step of each row's grid
     up, down = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
-    adapter = LoRAAdapter([("l", LayerDelta("stage_c", "", "weight", down, up, 0.5))], {"l": 1.0}, "cpu", trainable=True)
+    delta = LayerDelta("stage_c", "", "weight", down, up, 0.5)
+    adapter = LoRAAdapter([("l", delta)], {"l": 1.0}, "cpu", trainable=True)
     parametrize.register_parametrization(layer, "weight", adapter)
     assert [type(p) for p in layer.parametrizations.weight] == [StoredWeight, LoRAAdapter]
     torch.testing.assert_close(layer.weight, q.float() * scale + 0.5 * up @ down)
