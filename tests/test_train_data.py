@@ -1,8 +1,13 @@
-"""Training memory, data and logging: frozen bf16 models, gradient checkpointing for every task, 8-bit AdamW's
-message, LR schedules against diffusers', kohya folder repeats and tag shuffling, automatic buckets, the DataLoader
-read-ahead keeping the checkpointed position exact, the latent/text caches, TensorBoard logging."""
+"""Training memory, data and logging: frozen models stored in bf16 or int8, glibc returning freed blocks, gradient
+checkpointing for every task, 8-bit AdamW's message, LR schedules against diffusers', kohya folder repeats and tag
+shuffling, automatic buckets, the DataLoader read-ahead keeping the checkpointed position exact, the latent/text
+caches, TensorBoard logging."""
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -65,21 +70,116 @@ def test_gradient_checkpointing_applies_to_lora_and_controlnet(tmp_path, folder,
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_frozen_models_in_bf16_train_fp32_lora(tmp_path, folder, text):
-    losses = {}
-    for frozen in ("fp32", "bf16"):
-        cfg = _cfg(tmp_path / frozen, folder, "lora", frozen_dtype=frozen, steps=1)
+def _stored(model):
+    """{dtype the weight matrices are held in} and {dtype of every other frozen tensor}."""
+    from torch.nn.utils import parametrize
+
+    from stablecascade.train.storage import weight_matrices
+
+    matrices = weight_matrices(model)
+    held = {(m.parametrizations[n].original if parametrize.is_parametrized(m, n) else getattr(m, n)).dtype
+            for m, n in matrices}
+    matrix_ids = {id(m.parametrizations[n].original if parametrize.is_parametrized(m, n) else getattr(m, n))
+                  for m, n in matrices}
+    rest = {p.dtype for p in model.parameters() if id(p) not in matrix_ids and not p.requires_grad}
+    return held, rest
+
+
+@pytest.mark.parametrize("frozen, dtype, held, rest", [("bf16", "bf16", torch.bfloat16, torch.bfloat16),
+                                                       ("bf16", "fp32", torch.bfloat16, torch.float32),
+                                                       ("int8", "fp32", torch.int8, torch.float32)])
+def test_frozen_storage_trains_fp32_lora(tmp_path, folder, text, frozen, dtype, held, rest):
+    records = {}
+    for storage in ("fp32", frozen):
+        cfg = _cfg(tmp_path / storage, folder, "lora", frozen_dtype=storage, dtype=dtype, steps=1)
         trainer = Trainer(cfg, parts=_parts(text, stage_c=random_tiny_stage_c()))
-        losses[frozen] = trainer.train_step()
-    frozen_dtypes = {p.dtype for p in trainer.stage_c.parameters() if not p.requires_grad}
-    assert frozen_dtypes == {torch.bfloat16}
-    assert {p.dtype for p in trainer.text_model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        start = [p.detach().clone() for p in trainer.trained.parameters() if p.requires_grad]
+        records[storage] = trainer.train_step()
+        records[storage + " layers"] = trainer.trained.targets
+    assert records[frozen + " layers"] == records["fp32 layers"]  # stored weights take LoRAs like plain ones
+    for model in (trainer.stage_c, trainer.text_model):
+        assert _stored(model) == ({held}, {rest})
     trained = [p for p in trainer.trained.parameters() if p.requires_grad]
     assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert any(not torch.equal(a, b) for a, b in zip(start, trained))  # the LoRA trained on the stored base
     states = [s for s in trainer.optimizer.state.values()]
     assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
-    assert losses["bf16"]["grad_norm"] > 0
-    assert losses["bf16"]["loss"] == pytest.approx(losses["fp32"]["loss"], rel=0.05)
+    ours = records[frozen]
+    assert math.isfinite(ours["loss"]) and ours["grad_norm"] > 0
+    assert ours["loss"] == pytest.approx(records["fp32"]["loss"], rel=0.05)
+
+
+@pytest.mark.parametrize("frozen, read_as", [("bf16", torch.bfloat16), ("int8", torch.bfloat16)])
+def test_frozen_stage_c_is_read_in_its_storage_dtype(tmp_path, folder, text, monkeypatch, frozen, read_as):
+    """A LoRA run reads the Stage C file straight into bf16 (int8 is quantized from it), never into a float32
+    copy first (the 3.6B model would need 14 GB for that)."""
+    from stablecascade import checkpoints
+    from stablecascade.train import trainer as trainer_mod
+
+    path = tmp_path / "stage_c.safetensors"
+    checkpoints.save_official(random_tiny_stage_c(), path)
+    read = []
+    load = checkpoints.load_component
+
+    def spy(*args, **kw):
+        model = load(*args, **kw)
+        read.append({p.dtype for p in model.parameters()})
+        return model
+
+    monkeypatch.setattr(trainer_mod.checkpoints, "load_component", spy)
+    cfg = _cfg(tmp_path, folder, "lora", stage_c=str(path), frozen_dtype=frozen, steps=1)
+    Trainer(cfg, parts=_parts(text))
+    assert read == [{read_as}]
+
+
+def test_int8_storage_expands_to_the_quantized_weight_under_the_lora():
+    from torch.nn.utils import parametrize
+
+    from stablecascade.models.lora import LayerDelta, LoRAAdapter
+    from stablecascade.train.storage import StoredWeight, store_frozen
+
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(8, 16, generator=g) * torch.logspace(-3, 1, 8).view(8, 1))
+    w = layer.weight.detach().clone()
+    store_frozen(layer, "int8", torch.float32)
+    q, scale = layer.parametrizations.weight.original, layer.parametrizations.weight[0].scale
+    assert q.dtype == torch.int8 and q.abs().max() == 127
+    assert ((layer.weight - w).abs() <= scale / 2 + 1e-7).all()  # within half a step of each row's grid
+    up, down = torch.randn(8, 2, generator=g), torch.randn(2, 16, generator=g)
+    delta = LayerDelta("stage_c", "", "weight", down, up, 0.5)
+    adapter = LoRAAdapter([("l", delta)], {"l": 1.0}, "cpu", trainable=True)
+    parametrize.register_parametrization(layer, "weight", adapter)
+    assert [type(p) for p in layer.parametrizations.weight] == [StoredWeight, LoRAAdapter]
+    torch.testing.assert_close(layer.weight, q.float() * scale + 0.5 * up @ down)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_training_returns_freed_weight_sized_blocks_to_the_system():
+    """Allocating and freeing a 20 MiB tensor three times keeps ~40 MiB resident under glibc's default (its mmap
+    threshold rises to the freed size, so later blocks come from the heap), and ~0 once the trainer's setting is on.
+    In a fresh process, as the setting is process-wide."""
+    script = textwrap.dedent("""
+        import torch
+        from pathlib import Path
+        from stablecascade.train.storage import mmap_large_allocations
+        def kept_mib():
+            rss = lambda: next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines()
+                               if l.startswith("VmRSS")) / 1024
+            before = rss()
+            for _ in range(3):
+                block = torch.ones(5 << 20)
+                del block
+            return rss() - before
+        off = kept_mib()
+        assert mmap_large_allocations()
+        print(off, kept_mib())
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env).stdout
+    off, on = map(float, out.split())
+    assert off > 15 and on < 5, (off, on)
 
 
 def test_memory_options_are_checked():

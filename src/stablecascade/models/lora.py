@@ -128,6 +128,11 @@ LAYER_PRESETS = {
 }
 
 
+def has_parameter(module: nn.Module, name: str) -> bool:
+    """Whether `module` holds the parameter `name` itself, plain or parametrized (without computing it)."""
+    return parametrize.is_parametrized(module, name) or isinstance(module._parameters.get(name), nn.Parameter)
+
+
 def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str = STAGE_C) -> list[tuple[str, str]]:
     """(module, parameter) of every layer of `model` a LoRA on `layers` changes: a preset name of LAYER_PRESETS or
     a list of regular expressions searched in module paths. Fused attention changes `in_proj_weight`; a Linear or
@@ -147,7 +152,7 @@ def lora_targets(model: nn.Module, layers: Union[str, Sequence[str]], which: str
     for name, m in model.named_modules():
         if not name or not any(p.search(name) for p in patterns):
             continue
-        if isinstance(getattr(m, "in_proj_weight", None), nn.Parameter):
+        if has_parameter(m, "in_proj_weight"):
             targets.append((name, "in_proj_weight"))
         elif isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1):
             targets.append((name, "weight"))

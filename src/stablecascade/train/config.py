@@ -73,8 +73,9 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw | adamw8bit (bitsandbytes, CUDA only)
     max_grad_norm: float = 1.0
     dtype: str = "fp32"  # fp32 | bf16 (autocast)
-    frozen_dtype: str = "fp32"  # fp32 | bf16 | fp16: storage of the frozen models (they then run under autocast);
-    # trained parameters and optimizer state stay fp32
+    frozen_dtype: str = "fp32"  # fp32 | bf16 | fp16 | int8: storage of the frozen models' weights (train/storage.py);
+    # with dtype bf16 (or fp16 storage) they run under autocast, else their bf16/int8 weights are expanded to fp32 one
+    # layer at a time; trained parameters and optimizer state stay fp32
     gradient_checkpointing: bool = False  # recompute the U-Net blocks' activations in backward (every task)
 
     # -- diffusion objective
@@ -152,7 +153,7 @@ class TrainConfig:
 
         choice("task", TASKS)
         choice("dtype", ("fp32", "bf16"))
-        choice("frozen_dtype", ("fp32", "bf16", "fp16"))
+        choice("frozen_dtype", ("fp32", "bf16", "fp16", "int8"))
         choice("optimizer", ("adamw", "adamw8bit"))
         choice("lr_schedule", ("constant_with_warmup", "cosine"))
         choice("log_with", ("none", "tensorboard"))

@@ -42,12 +42,12 @@ from ..models.lora import (STAGE_C, TEXT_ENCODER, LayerDelta, LoRAAdapter, LoRAW
 from .config import ConfigError, TrainConfig, resume_differences
 from .objectives import AdaptiveLossWeight, ema_update_, init_unet_, p2_weight, pyramid_noise, training_logsnr
 from .statefile import read_state, write_state
+from .storage import load_dtype, mmap_large_allocations, store_frozen
 from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
 KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c", "lcm": "stage_c"}
-FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------- distributed
@@ -141,9 +141,9 @@ def nano_part(spec: Optional[str], part: str) -> Optional[str]:
     return str(NANO_DIR / NANO_PARTS[part])
 
 
-def build_or_load(spec: str, kind: str) -> nn.Module:
-    """"new:<config>" -> a freshly initialised model of a named config; "nano" -> the built-in nano model's part;
-    otherwise a checkpoint path."""
+def build_or_load(spec: str, kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """"new:<config>" -> a freshly initialised model of a named config (float32); "nano" -> the built-in nano
+    model's part; otherwise a checkpoint path, read in `dtype` one tensor at a time."""
     if spec.startswith("new:"):
         name = spec[4:]
         if kind == "stage_c":
@@ -153,10 +153,10 @@ def build_or_load(spec: str, kind: str) -> nn.Module:
         if kind == "stage_a":
             return StageA(configs.STAGE_A[name])
         raise ValueError(f"cannot create a new {kind}")
-    return checkpoints.load_component(nano_part(spec, kind), kind, dtype=torch.float32)
+    return checkpoints.load_component(nano_part(spec, kind), kind, dtype=dtype)
 
 
-def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
+def load_effnet(spec: Optional[str], dtype: torch.dtype = torch.float32) -> Optional[nn.Module]:
     """"nano" is the built-in nano model's trained encoder; "nano:<file>" another NanoEncoder; else an official
     EfficientNet file."""
     if spec is None:
@@ -165,19 +165,20 @@ def load_effnet(spec: Optional[str]) -> Optional[nn.Module]:
         from ..models.effnet import load_nano_encoder
 
         return load_nano_encoder(nano_part(spec, "effnet") if spec == "nano" else spec.split(":", 1)[1])
-    return checkpoints.load_official(spec, "effnet", dtype=torch.float32)
+    return checkpoints.load_official(spec, "effnet", dtype=dtype)
 
 
-def load_training_text_encoder(spec: Optional[str], tokenizer: Optional[str] = None):
-    """(tokenizer, model) in float32, whatever dtype the file stores (token embeddings and text-encoder LoRAs
-    train in float32): "tiny" is the seeded 32-wide test model, anything else a transformers folder."""
+def load_training_text_encoder(spec: Optional[str], tokenizer: Optional[str] = None,
+                               dtype: torch.dtype = torch.float32):
+    """(tokenizer, model) in `dtype`, whatever dtype the file stores (token embeddings and text-encoder LoRAs
+    train in float32 over it): "tiny" is the seeded 32-wide test model, anything else a transformers folder."""
     if spec is None:
         return None
     if spec == "tiny":
         return clip_tokenizer(), small_text_model()
     from ..conditioning import load_text_encoder
 
-    te = load_text_encoder(nano_part(spec, "text_encoder"), tokenizer, dtype=torch.float32)
+    te = load_text_encoder(nano_part(spec, "text_encoder"), tokenizer, dtype=dtype)
     return te.tokenizer, te.model
 
 
@@ -427,6 +428,8 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
         else:
             self.device = torch.device("cpu")
+        if self.device.type == "cpu":
+            mmap_large_allocations()  # else the heap fragments and a step's resident memory keeps growing
         self.out = Path(cfg.output_dir)
         self._agree(output_dir_problem(self.out) if self.dist.main else None)  # before any model is loaded
         self.local_batch = cfg.batch_size // cfg.grad_accum_steps
@@ -452,13 +455,19 @@ class Trainer:
         self._resume()
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """What the models' matmuls run in: bf16 for `dtype: bf16`, fp16 for frozen models stored in fp16, else
+        float32 (frozen weights stored in bf16 or int8 are then expanded to float32 one layer at a time)."""
+        if self.cfg.dtype == "bf16":
+            return torch.bfloat16
+        return torch.float16 if self.cfg.frozen_dtype == "fp16" else torch.float32
+
+    @property
     def autocast(self):
-        """A fresh autocast context: bf16 for `dtype: bf16`, and the frozen models' dtype when they are stored in
-        bf16/fp16 (their matmuls then run in that dtype, norms and the trained fp32 parameters' updates in fp32)."""
-        if self.cfg.dtype != "bf16" and self.cfg.frozen_dtype == "fp32":
+        """A fresh autocast context in `compute_dtype` (norms and the trained fp32 parameters' updates stay fp32)."""
+        if self.compute_dtype == torch.float32:
             return contextlib.nullcontext()  # an autocast of a device without one fails even when disabled
-        dtype = FROZEN_DTYPES[self.cfg.frozen_dtype] if self.cfg.frozen_dtype != "fp32" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def _make_optimizer(self, params) -> torch.optim.Optimizer:
         cfg = self.cfg
@@ -478,14 +487,22 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- setup
     def _setup_models(self, parts):
         cfg, task = self.cfg, self.cfg.task
-        self.stage_c = parts.get("stage_c") or (build_or_load(cfg.stage_c, "stage_c") if cfg.stage_c else None)
-        self.stage_b = parts.get("stage_b") or (build_or_load(cfg.stage_b, "stage_b") if cfg.stage_b else None)
-        self.stage_a = parts.get("stage_a") or (build_or_load(cfg.stage_a, "stage_a") if cfg.stage_a else None)
-        self.effnet = parts.get("effnet") or load_effnet(cfg.effnet)
+        trained_name = {"c": "stage_c", "b": "stage_b"}.get(task)
+        # frozen models are read in their storage dtype (a bf16 Stage C never exists in float32 here)
+        dtype = {name: torch.float32 if name == trained_name else load_dtype(cfg.frozen_dtype)
+                 for name in ("stage_c", "stage_b", "stage_a")}
+        self.stage_c = parts.get("stage_c") or (
+            build_or_load(cfg.stage_c, "stage_c", dtype["stage_c"]) if cfg.stage_c else None)
+        self.stage_b = parts.get("stage_b") or (
+            build_or_load(cfg.stage_b, "stage_b", dtype["stage_b"]) if cfg.stage_b else None)
+        self.stage_a = parts.get("stage_a") or (
+            build_or_load(cfg.stage_a, "stage_a", dtype["stage_a"]) if cfg.stage_a else None)
+        self.effnet = parts.get("effnet") or load_effnet(cfg.effnet, load_dtype(cfg.frozen_dtype))
         self.previewer = parts.get("previewer") or (
             checkpoints.load_official(nano_part(cfg.previewer, "previewer"), "previewer", dtype=torch.float32)
             if cfg.previewer else None)
-        text = parts.get("text") or load_training_text_encoder(cfg.text_encoder, cfg.tokenizer)
+        text = parts.get("text") or load_training_text_encoder(cfg.text_encoder, cfg.tokenizer,
+                                                               load_dtype(cfg.frozen_dtype))
         self.tokenizer, self.text_model = text if text else (None, None)
         self.image_encoder = parts.get("image_encoder")
         if self.image_encoder is None and cfg.image_encoder:
@@ -499,15 +516,14 @@ class Trainer:
             if getattr(self, name) is None:
                 raise ValueError(f"training task {task!r} needs {name.replace('text_model', 'text_encoder')} "
                                  "(set it in the config)")
-        trained_name = {"c": "stage_c", "b": "stage_b"}.get(task)
         # a full-weight consistency student starts as a float32 copy of the teacher, before the teacher is frozen
-        student = copy.deepcopy(self.stage_c) if task == "lcm" and cfg.lcm_student == "full" else None
+        student = copy.deepcopy(self.stage_c).float() if task == "lcm" and cfg.lcm_student == "full" else None
         for name in ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_model"):
             m = getattr(self, name)
             if m is not None:
                 m.to(self.device).eval().requires_grad_(False)
                 if name != trained_name:
-                    m.to(FROZEN_DTYPES[cfg.frozen_dtype])
+                    store_frozen(m, cfg.frozen_dtype, self.compute_dtype)
         if cfg.gradient_checkpointing:  # the trained U-Net, or the frozen Stage C that LoRA/ControlNet grads cross
             enable_checkpointing(student if student is not None else getattr(self, trained_name or "stage_c"))
         if task in ("c", "b"):
