@@ -439,7 +439,10 @@ def test_event_stream_reports_progress_with_totals_and_preview_frames(client):
     steps = [json.loads(d) for n, d in events if n == "progress"]
     prior = [e for e in steps if e.get("stage") == "prior"]
     decoder = [e for e in steps if e.get("stage") == "decoder"]
-    assert prior[-1]["step"] == prior[-1]["total"] == 3 and decoder[-1]["step"] == decoder[-1]["total"] == 2
+    # the stream reports the job's latest state each time it changed, so a step passed between two polls (e.g. the
+    # prior's last one) may be skipped; the totals and the final state always arrive
+    assert prior and {e["total"] for e in prior} == {3} and all(1 <= e["step"] <= 3 for e in prior)
+    assert decoder[-1]["step"] == decoder[-1]["total"] == 2
     percents = [e["percent"] for e in prior + decoder]
     assert percents == sorted(percents) and percents[-1] == 100 and all("eta" in e for e in prior + decoder)
     frames = [Image.open(io.BytesIO(base64.b64decode(d))) for n, d in events if n == "preview"]

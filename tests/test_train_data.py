@@ -187,7 +187,7 @@ def test_memory_options_are_checked():
         load_config(None, ["frozen_dtype=int4"])
     with pytest.raises(ConfigError, match="contradicts dtype bf16"):
         load_config(None, ["frozen_dtype=fp16", "dtype=bf16"])
-    with pytest.raises(ConfigError, match="cache_text works for task c"):
+    with pytest.raises(ConfigError, match="cache_text works for tasks c and lcm"):
         load_config(None, ["cache_text=true"], task="lora")
     with pytest.raises(ConfigError, match="cache_latents works for Stage C tasks"):
         load_config(None, ["cache_latents=true"], task="b")
