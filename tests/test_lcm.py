@@ -1,11 +1,13 @@
 """Latent consistency distillation (`train lcm`): the consistency LoRA file, the pipeline switching Stage C to the
 "lcm" sampler when one is loaded, and a few training steps moving the student toward its teacher."""
 
+import numpy as np
 import pytest
 import torch
 
 from stablecascade import sampling
 from stablecascade.errors import CheckpointError
+from stablecascade.images import infotext
 from stablecascade.lora_formats import read_lora, save_lora
 from stablecascade.models.lora import LayerDelta, LoRAWeights, lora_targets
 
@@ -47,6 +49,24 @@ def test_a_consistency_lora_switches_stage_c_to_lcm(pipe, tmp_path):
     finally:
         pipe.unload_loras()
     assert prior_events(pipe)[-1].total == 20
+
+
+def test_lcm_runs_on_stage_c_only_and_the_metadata_says_what_ran(pipe, tmp_path):
+    """Stage B is never consistency-distilled: "lcm" picked for a call samples Stage B with the default sampler
+    (so it draws what the LoRA's own switch draws), and an image's parameters (its infotext) name the samplers as
+    they ran, so rerunning them redraws it."""
+    pil = {**FAST, "output_type": "pil"}
+    pipe.load_lora(consistency_lora(pipe.stage_c, tmp_path / "lcm.safetensors", steps=3))
+    try:
+        switched = pipe("a cat", seed=1, **pil)[0]
+        explicit = pipe("a cat", seed=1, sampling="lcm", prior_steps=3, prior_guidance=1.0, **pil)[0]
+    finally:
+        pipe.unload_loras()
+    ran = switched.info["parameters"]
+    assert (ran["sampling"], ran["prior_steps"], ran["prior_guidance"]) == ("lcm", 3, 1.0)
+    assert ran["decoder_sampling"] == "official" and "Sampler: LCM" in infotext(ran)
+    assert explicit.info["parameters"]["decoder_sampling"] == "official"
+    assert np.array_equal(np.asarray(switched), np.asarray(explicit))
 
 
 def test_a_broken_consistency_record_is_named(pipe, tmp_path):

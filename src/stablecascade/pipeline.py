@@ -54,14 +54,14 @@ class _Run:
     decoder_guidance: float
     seeds: Optional[list]  # one per image, None when the caller gave generators
     generator: sampling_module.Generators  # CPU: one per image, or one for the whole batch
-    sampling: str
+    sampling: str  # Stage C's sampler: the call's, or "lcm" when a consistency LoRA switched it
     output_type: str
     progress: bool
     compression: float
     preview_callback: Optional[PreviewCallback]
     step_callback: Optional[StepCallback]
     tiled_decode: Optional[bool]
-    prior_sampling: Optional[str] = None  # Stage C's sampler when it differs (a consistency LoRA: "lcm")
+    decoder_sampling: str = DEFAULTS.sampler  # Stage B's: the call's, except "lcm" (no Stage B is distilled)
 
     @property
     def batch(self) -> int:
@@ -199,7 +199,7 @@ class StableCascadePipeline:
         """Sample one stage. float16 overflow is caught without waiting on the device at each step: a non-finite
         result (checked once, at the end) makes the stage run again from the same noise in float32 (its step
         events start again at 1), instead of ending in a black image."""
-        sampler = (run.prior_sampling or run.sampling) if stage == "prior" else run.sampling
+        sampler = run.sampling if stage == "prior" else run.decoder_sampling
         spec = sampling_module.get(sampler)
         name = {"prior": "Stage C", "decoder": "Stage B"}[stage]
         with self._running(model), _keeping_dtype(model):
@@ -291,7 +291,7 @@ class StableCascadePipeline:
 
     def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
         """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""
-        _, shift = self._shifts(run.sampling)
+        _, shift = self._shifts(run.decoder_sampling)
         effnet = latents_c.to(self.device, self.dtype)
         cond = dict(effnet=effnet, clip=pooled)
         uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
@@ -312,6 +312,8 @@ class StableCascadePipeline:
                           prior_guidance=run.prior_guidance, decoder_steps=run.decoder_steps,
                           decoder_guidance=run.decoder_guidance, sampling=run.sampling,
                           compression=run.compression, **extra)
+        if run.decoder_sampling != run.sampling:
+            parameters["decoder_sampling"] = run.decoder_sampling
         pil = to_pil(images)
         for i, im in enumerate(pil):
             im.info["parameters"] = {**parameters, "seed": run.seeds[i] if run.seeds else None,
@@ -553,7 +555,9 @@ class StableCascadePipeline:
             raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
         if decoder_guidance is None:
             decoder_guidance = self.default_decoder_guidance(sampling)
-        prior_sampling, prior_steps, prior_guidance = sampling_module.consistency_plan(
+        # consistency sampling needs a consistency-distilled stage: `train lcm` makes Stage C ones only
+        decoder_sampling = DEFAULTS.sampler if sampling == "lcm" else sampling
+        sampling, prior_steps, prior_guidance = sampling_module.consistency_plan(
             self._loras and self._loras.consistency, sampling, prior_steps, prior_guidance)
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
@@ -588,7 +592,7 @@ class StableCascadePipeline:
             generator = sampling_module.seeded(seeds)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seeds, generator, sampling, output_type, progress,
-                    _check_compression(compression), preview_callback, step_callback, tiled_decode, prior_sampling)
+                    _check_compression(compression), preview_callback, step_callback, tiled_decode, decoder_sampling)
 
 
 @contextlib.contextmanager
