@@ -494,6 +494,7 @@ def test_bad_index_json(bundle, index, needle):
     (with_(native_size="64"), "native_size='64'"),
     (with_(shifts=[2.0]), "shifts=[2.0]"),
     (with_(decoder_guidance=-1), "decoder_guidance=-1"),
+    (with_(compression=4), "compression=4"),
     (with_(effnet="../../elsewhere.safetensors"), "effnet='../../elsewhere.safetensors'"),
     (without("previewer"), "previewer=None"),
 ])

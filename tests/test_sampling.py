@@ -26,7 +26,8 @@ def test_pipeline_defaults_are_the_settings():
     assert params["prior_guidance"].default == DEFAULTS.prior_guidance
     assert params["decoder_steps"].default == DEFAULTS.decoder_steps
     assert params["sampling"].default == DEFAULTS.sampler
-    assert params["compression"].default == DEFAULTS.compression
+    assert params["compression"].default is None  # the model's own: the releases' DEFAULTS.compression
+    assert inspect.signature(StableCascadePipeline.__init__).parameters["compression"].default == DEFAULTS.compression
 
 
 @pytest.mark.parametrize("sampler", ["official", "euler_a"])

@@ -21,7 +21,8 @@ from conftest import training_image
 def _cfg(tmp_path, folder, task="c", **kw):
     base = dict(task=task, output_dir=str(tmp_path / "run"), data=[str(folder)], image_size=64, steps=4,
                 batch_size=4, stage_c="new:tiny", stage_b="new:tiny", stage_a="new:tiny", effnet="nano",
-                text_encoder="tiny", save_every=100, sample_steps=2, model_dropout=0.0, lr=1e-3)
+                text_encoder="tiny", save_every=100, sample_steps=2, model_dropout=0.0, lr=1e-3,
+                compression=32)  # 2x2 latents for 64 px: fast (the built-in nano encoder's own is 8)
     base.update(kw)
     return from_dict(base).validate()
 
@@ -48,6 +49,23 @@ def test_config_yaml_and_overrides(tmp_path):
     cfg = load_config(f, ["lr=3e-4", "ema_beta=null", "multi_aspect=['16/9', 1/1]"], task="b")
     assert cfg.lr == 3e-4 and cfg.steps == 10 and cfg.data == ["a", "b"] and cfg.ema_beta is None
     assert cfg.task == "b" and cfg.multi_aspect == ["16/9", "1/1"]
+
+
+def test_compression_sets_the_stage_c_latent_size(tmp_path, folder):
+    """The effnet sees each image at 32 px per latent cell of `compression`; with the built-in nano encoder and no
+    compression given, the nano model's own (model.json), so a LoRA on nano trains on the latents it samples."""
+    import json
+
+    from stablecascade.loading import NANO_DIR
+
+    images = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ConfigError, match="compression must be a number from 8 to 128"):
+        _cfg(tmp_path, folder, compression=4)
+    assert Trainer(_cfg(tmp_path, folder, compression=16))._encode_c(images).shape == (2, 16, 4, 4)
+    nano_side = -(-64 // json.loads((NANO_DIR / "model.json").read_text())["compression"])
+    trainer = Trainer(_cfg(tmp_path, folder, compression=None))
+    assert trainer._encode_c(images).shape == (2, 16, nano_side, nano_side)
+    assert trainer.sample_c(["a"], 64, torch.Generator().manual_seed(0), steps=1).shape[-2:] == (nano_side, nano_side)
 
 
 # ------------------------------------------------------------------------------------------------- data

@@ -578,6 +578,11 @@ def read_bundle_manifest(path: Path) -> dict:
     guidance = manifest.get("decoder_guidance")
     if not isinstance(guidance, (int, float)) or isinstance(guidance, bool) or not 0 <= guidance < 1e3:
         problems.append(f"decoder_guidance={_show(guidance)} (expected a number >= 0)")
+    compression = manifest.get("compression")  # optional: absent, the released models' default
+    if "compression" in manifest and (not isinstance(compression, (int, float)) or isinstance(compression, bool)
+                                      or not 8 <= compression <= 128):
+        problems.append(f"compression={_show(compression)} (expected image pixels per Stage C latent cell, "
+                        "8 to 128)")
     for part in ("effnet", "previewer"):
         name = manifest.get(part)
         if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:

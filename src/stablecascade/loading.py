@@ -128,7 +128,8 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
         model_defaults = dict(native_size=manifest["native_size"], official_shifts=tuple(manifest["shifts"]),
                               decoder_guidance=manifest["decoder_guidance"], shifts_required=True,
                               predictions=tuple(manifest.get("predictions", ("eps", "eps"))),
-                              prompt_examples=manifest.get("examples"))
+                              prompt_examples=manifest.get("examples"),
+                              **{k: manifest[k] for k in ("compression",) if k in manifest})
         effnet = effnet or load_nano_encoder(bundle / manifest["effnet"], device=device)
         previewer = previewer or bundle / manifest["previewer"]
     bundle = _bundle(decoder)

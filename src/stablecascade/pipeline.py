@@ -74,7 +74,8 @@ class StableCascadePipeline:
                  previewer: Union[torch.nn.Module, Path, None] = None, offload: Optional[str] = None,
                  native_size: int = 1024, official_shifts: tuple[float, float] = RELEASED_SHIFTS,
                  decoder_guidance: float = RELEASED_DECODER_GUIDANCE, predictions: tuple[str, str] = ("eps", "eps"),
-                 shifts_required: bool = False, prompt_examples: Optional[Sequence[str]] = None):
+                 shifts_required: bool = False, prompt_examples: Optional[Sequence[str]] = None,
+                 compression: float = COMPRESSION):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
@@ -84,11 +85,13 @@ class StableCascadePipeline:
         "diffusers" defaults to 0 as diffusers' pipeline); `predictions`: what (Stage C, Stage B) predict, "eps"
         (the released models) or "v"; `shifts_required`: the models were made for `official_shifts` (their files
         say so), so the unshifted "diffusers" sampler warns; `prompt_examples`: prompts the model draws well (None:
-        the released models' kind of prompts)."""
+        the released models' kind of prompts); `compression`: the default image pixels per Stage C latent cell
+        (42.67 for the released models, as their notebooks; the model's own where it was trained at another)."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
         self.official_shifts, self.decoder_guidance = official_shifts, decoder_guidance
+        self.compression = _check_compression(compression)
         self.prompt_examples = list(prompt_examples) if prompt_examples else None
         for prediction in predictions:
             if prediction not in ("eps", "v"):
@@ -339,7 +342,7 @@ class StableCascadePipeline:
         sampling: str = DEFAULTS.sampler,
         output_type: str = "pil",
         progress: bool = True,
-        compression: float = COMPRESSION,
+        compression: Optional[float] = None,
         preview_callback: Optional[PreviewCallback] = None,
         step_callback: Optional[StepCallback] = None,
         tiled_decode: Optional[bool] = None,
@@ -358,7 +361,7 @@ class StableCascadePipeline:
         stops the run.
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
-        more cost. `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
+        more cost; default the model's (42.67 for the released models). `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
         of the current Stage C estimate after every Stage C step. `tiled_decode` makes Stage A decode in tiles
         (bounded memory); None does so above 2048x2048 pixels."""
         run = self._settings(**{k: v for k, v in locals().items() if k != "self"})
@@ -397,7 +400,8 @@ class StableCascadePipeline:
                             "image-to-image", strength=strength)
 
     @torch.inference_mode()
-    def encode(self, images: Union[ImageInput, Sequence[ImageInput]], compression: float = COMPRESSION) -> torch.Tensor:
+    def encode(self, images: Union[ImageInput, Sequence[ImageInput]],
+               compression: Optional[float] = None) -> torch.Tensor:
         """Stage C latents (B,16,ceil(H/compression),ceil(W/compression)) of images of one size, through the
         EfficientNet encoder; 1024x1024 -> 16x24x24 by default."""
         images = images if isinstance(images, (list, tuple)) else [images]
@@ -405,12 +409,14 @@ class StableCascadePipeline:
         if len({p.shape for p in pixels}) != 1:
             raise InputError("encode() takes images of one size; encode differently sized images separately")
         batch = torch.stack(pixels)
-        return self._encode(batch, batch.shape[-2], batch.shape[-1], compression).cpu()
+        return self._encode(batch, batch.shape[-2], batch.shape[-1],
+                            self.compression if compression is None else compression).cpu()
 
     def _encode(self, pixels, height, width, compression):
         (hc, wc), _ = latent_sizes(height, width, _check_compression(compression))
         target = (hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
-        if pixels.shape[-2] * 2 < target[0] or pixels.shape[-1] * 2 < target[1]:
+        usual = max(1.0, EFFNET_FACTOR / self.compression)  # the upscaling the model's own compression implies
+        if pixels.shape[-2] * 2 * usual < target[0] or pixels.shape[-1] * 2 * usual < target[1]:
             log.warning("upscaling a %dx%d image to %dx%d for the encoder; details will be soft",
                         pixels.shape[-1], pixels.shape[-2], target[1], target[0])
         return self.effnet(resize(pixels.to(self.device), *target)).float()
@@ -425,7 +431,8 @@ class StableCascadePipeline:
             raise InputError(f"latents must be a (B,{self.stage_c.config.c_out},h,w) tensor, got {shape}")
         if not torch.isfinite(latents).all():
             raise InputError("latents contain NaN or infinite values")
-        compression = _check_compression(options.get("compression", COMPRESSION))
+        compression = options.get("compression")
+        compression = _check_compression(self.compression if compression is None else compression)
         h, w = latents.shape[-2:]
         options = {"height": round8(h * compression), "width": round8(w * compression), **options}
         prompts = [prompt] * latents.shape[0] if isinstance(prompt, str) else list(prompt)
@@ -542,7 +549,7 @@ class StableCascadePipeline:
                   num_images_per_prompt=DEFAULTS.num_images, prior_steps=DEFAULTS.prior_steps,
                   prior_guidance=DEFAULTS.prior_guidance, decoder_steps=DEFAULTS.decoder_steps,
                   decoder_guidance=DEFAULTS.decoder_guidance, seed=None, generator=None, sampling=DEFAULTS.sampler,
-                  output_type="pil", progress=True, compression=COMPRESSION, preview_callback=None,
+                  output_type="pil", progress=True, compression=None, preview_callback=None,
                   step_callback=None, tiled_decode=None) -> _Run:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -592,7 +599,8 @@ class StableCascadePipeline:
             generator = sampling_module.seeded(seeds)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seeds, generator, sampling, output_type, progress,
-                    _check_compression(compression), preview_callback, step_callback, tiled_decode, decoder_sampling)
+                    _check_compression(self.compression if compression is None else compression), preview_callback,
+                    step_callback, tiled_decode, decoder_sampling)
 
 
 @contextlib.contextmanager

@@ -187,8 +187,8 @@ def schemas():
                                "seed + i (default, or -1: random; returned)")
         sampling: Literal[tuple(SAMPLERS)] = Field(DEFAULTS.sampler, description="the sampler (GET /sdapi/v1/samplers "
                                                    "lists their AUTOMATIC1111 names)")
-        compression: float = Field(DEFAULTS.compression, ge=8, le=128,
-                                   description="image pixels per Stage C latent cell")
+        compression: Opt[float] = Field(None, ge=8, le=128, description="image pixels per Stage C latent cell "
+                                        "(default the model's: 42.67 for the released models)")
         previews: bool = Field(False, description="keep a live Stage C preview at /v1/jobs/{id}/preview.png")
         timeout: Opt[float] = Field(None, gt=0, description="seconds from submission before the job is stopped "
                                                             "(default and maximum set by the server)")

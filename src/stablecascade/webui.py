@@ -31,7 +31,6 @@ MAX_SEED = 2**31 - 1
 DEFAULTS = {  # the official Gradio app's (gradio_app/app.py), decoder guidance unlocked; the rest from settings
     "num_images": 2, "prior_steps": SETTINGS.prior_steps, "prior_guidance": SETTINGS.prior_guidance,
     "decoder_steps": SETTINGS.decoder_steps, "seed": 0, "randomize_seed": True, "sampling": SETTINGS.sampler,
-    "compression": SETTINGS.compression,
     "strength": 0.8, "control_strength": 1.0, "lora_scale": 1.0, "previews": True,
 }
 STAGE_NAMES = {"prior": "Stage C", "decoder": "Stage B"}
@@ -83,7 +82,8 @@ class WebUI:
         self.worker = worker
         self.out_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="stablecascade-ui-"))
         self.lora_dir = Path(lora_dir).expanduser() if lora_dir else None
-        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size}
+        native = {"width": worker.pipe.native_size, "height": worker.pipe.native_size,
+                  "compression": worker.pipe.compression}
         self.defaults = {**DEFAULTS, **native, **(defaults or {})}
         self.defaults.setdefault("decoder_guidance", self.decoder_guidance_for(self.defaults["sampling"]))
         self.title = title
@@ -127,7 +127,7 @@ class WebUI:
                 c["decoder_guidance"] = gr.Slider(0, 20, value=d["decoder_guidance"], step=0.1,
                                                   label="Decoder guidance scale (≤ 1: off)")
             with gr.Row():
-                c["compression"] = gr.Slider(16, 64, value=d["compression"], step=0.01,
+                c["compression"] = gr.Slider(8, 64, value=d["compression"], step=0.01,
                                              label="Compression (lower: more detail, slower)")
                 c["sampling"] = gr.Radio(list(SAMPLERS), value=d["sampling"], label="Sampler")
             c["sampling"].input(self.decoder_guidance_for, c["sampling"], c["decoder_guidance"], queue=False,

@@ -90,6 +90,9 @@ class TrainConfig:
     image_embed_prob: float = 0.1  # Stage C: share of samples that see their CLIP image embedding
     effnet_dropout: float = 0.1  # Stage B: share of samples whose effnet conditioning is zeroed
     effnet_resize: list = field(default_factory=lambda: [0.5, 1.0])  # Stage B: conditioning resize range
+    # image pixels per Stage C latent cell: the effnet sees each image resized to ceil(side / compression) * 32
+    # (None: as it is, 32 px per cell, as the official Stage C trains at 768 px for 24x24 latents)
+    compression: Optional[float] = None
 
     # -- EMA
     ema_beta: Optional[float] = None  # None = no EMA
@@ -215,6 +218,9 @@ class TrainConfig:
         if self.batch_size % self.grad_accum_steps:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by grad_accum_steps "
                               f"{self.grad_accum_steps}")
+        if self.compression is not None and not (isinstance(self.compression, (int, float))
+                                                 and 8 <= self.compression <= 128):
+            raise ConfigError(f"compression must be a number from 8 to 128 (or null), got {self.compression!r}")
         lo, hi = self.effnet_resize
         if not 0 < lo <= hi:
             raise ConfigError(f"effnet_resize must be [low, high] with 0 < low <= high, got {self.effnet_resize}")

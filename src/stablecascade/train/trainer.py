@@ -32,7 +32,8 @@ from torch import nn
 
 from .. import checkpoints, configs, diffusion, sampling
 from ..errors import CheckpointError, InputError
-from ..geometry import EFFNET_FACTOR, latent_sizes
+from ..geometry import EFFNET_FACTOR, latent_sizes, round8
+from ..images import resize
 from ..settings import DEFAULTS, RELEASED_DECODER_GUIDANCE, RELEASED_SHIFTS
 from ..models import StageA, StageB, StageC
 from . import cache as cache_mod
@@ -139,6 +140,16 @@ def nano_part(spec: Optional[str], part: str) -> Optional[str]:
     from ..loading import NANO_DIR
 
     return str(NANO_DIR / NANO_PARTS[part])
+
+
+def effnet_compression(cfg: TrainConfig) -> Optional[float]:
+    """Image pixels per Stage C latent cell: the config's, else the built-in nano model's when its encoder is used
+    (model.json), else None (the effnet sees images as they are, 32 px per cell)."""
+    if cfg.compression is not None or cfg.effnet != "nano":
+        return cfg.compression
+    from ..loading import NANO_DIR
+
+    return checkpoints.read_bundle_manifest(NANO_DIR / "model.json").get("compression")
 
 
 def build_or_load(spec: str, kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -498,6 +509,7 @@ class Trainer:
         self.stage_a = parts.get("stage_a") or (
             build_or_load(cfg.stage_a, "stage_a", dtype["stage_a"]) if cfg.stage_a else None)
         self.effnet = parts.get("effnet") or load_effnet(cfg.effnet, load_dtype(cfg.frozen_dtype))
+        self.compression = effnet_compression(cfg)
         self.previewer = parts.get("previewer") or (
             checkpoints.load_official(nano_part(cfg.previewer, "previewer"), "previewer", dtype=torch.float32)
             if cfg.previewer else None)
@@ -631,13 +643,14 @@ class Trainer:
     def _cache_folder(self, kind: str, model: nn.Module) -> "cache_mod.DiskCache":
         root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
         # the autocast the encoder runs under changes its outputs as much as its weights do
-        how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}"
+        how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}" + (
+            f":compression={self.compression}" if self.compression else "")
         return cache_mod.DiskCache(root / f"{kind}-{cache_mod.fingerprint(model, how)}")
 
     def _latent_cache(self, sizes):
         def encode(images):
             with torch.no_grad(), self.autocast:
-                return self.effnet(images.to(self.device)).float()
+                return self._encode_c(images.to(self.device)).float()
 
         cache = self._cache_folder("latents", self.effnet)
         keys = cache_mod.precompute_latents(self.source, sizes, encode, cache, (self.dist.rank, self.dist.world),
@@ -698,15 +711,19 @@ class Trainer:
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
                 latents = self.stage_a.encode(images)
                 h, w = images.shape[-2:]
-                size = (max(32, int(h * f) // 32 * 32), max(32, int(w * f) // 32 * 32))
-                small = F.interpolate(images, size, mode="nearest")
+                if self.compression:
+                    (hc, wc), _ = latent_sizes(int(h * f), int(w * f), self.compression)
+                    small = resize(images, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
+                else:
+                    size = (max(32, int(h * f) // 32 * 32), max(32, int(w * f) // 32 * 32))
+                    small = F.interpolate(images, size, mode="nearest")
                 effnet = self.effnet(small) * keep_effnet.view(-1, 1, 1, 1).to(self.device)
                 _, pooled = self._text(captions)
                 cond = dict(effnet=effnet, clip=pooled)
                 eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise).to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
-                latents = self.effnet(images) if cached_latents is None else cached_latents.to(self.device)
+                latents = self._encode_c(images) if cached_latents is None else cached_latents.to(self.device)
                 c_img = self.stage_c.config.c_clip_img
                 clip_img = torch.zeros(len(captions), 1, c_img, device=self.device)
                 if self.image_encoder is not None and use_img.any():
@@ -1217,7 +1234,7 @@ class Trainer:
         img = torch.zeros(n, 1, self.stage_c.config.c_clip_img, device=dev)
         denoise = self._guided(stage, dict(clip_text=text, clip_text_pooled=pooled, clip_img=img),
                                dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=img), cfg_scale)
-        (hc, wc), _ = latent_sizes(size, size, EFFNET_FACTOR)
+        (hc, wc), _ = latent_sizes(size, size, self.compression or EFFNET_FACTOR)
         x = sampling.randn((n, self.stage_c.config.c_out, hc, wc), gen, device=dev)
         return sampling.sample(denoise, x, steps, sampler=sampler, shift=self.sampling_shift(), target=self.cfg.target,
                                generator=gen)
@@ -1226,15 +1243,23 @@ class Trainer:
         if self.previewer is not None:
             return self.previewer(latents).float().clamp(0, 1).cpu()
         if self.stage_b is not None and self.stage_a is not None:
-            h, w = (side * EFFNET_FACTOR for side in latents.shape[-2:])
+            h, w = (round8(side * (self.compression or EFFNET_FACTOR)) for side in latents.shape[-2:])
             return self._stage_b_images(self.stage_b, latents, prompts, gen, h, w, RELEASED_SHIFTS[1], "eps")
         lat = latents[:, :3].float()
         lo, hi = lat.amin(dim=(1, 2, 3), keepdim=True), lat.amax(dim=(1, 2, 3), keepdim=True)
         return ((lat - lo) / (hi - lo + 1e-6)).cpu()
 
     def reconstruct(self, images, captions, gen):
-        return self._stage_b_images(self.trained, self.effnet(images), captions, gen, *images.shape[-2:],
+        return self._stage_b_images(self.trained, self._encode_c(images), captions, gen, *images.shape[-2:],
                                     self.sampling_shift(), self.cfg.target)
+
+    def _encode_c(self, images):
+        """Stage C latents of images: the effnet sees them resized to ceil(side / compression) * 32 px, as the
+        pipeline encodes (`compression` None: as they are)."""
+        if self.compression:
+            (hc, wc), _ = latent_sizes(*images.shape[-2:], self.compression)
+            images = resize(images, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
+        return self.effnet(images)
 
     def _stage_b_images(self, stage_b, effnet, prompts, gen, height, width, shift, target):
         """Stage B sampling with the official sampler and settings (guidance 1.1, 10 steps) and Stage A decoding
