@@ -4,9 +4,11 @@ reconstruction PSNR.
 Alignment: each generated 64 px image is analysed without any learned model: the background colour is the
 palette colour nearest the border pixels, the foreground is every pixel far from it; its mean colour, the 3x3 cell
 of its centroid, and its fill ratio in its bounding box (square ≈ 1, circle ≈ 0.79, triangle ≈ 0.5) give the
-colour, position and shape. Reconstruction: held-out images are encoded to Stage C latents (the nano encoder) and
-decoded by Stage B + Stage A (`pipe.encode` / `pipe.decode`), and compared with the originals (PSNR); Stage A alone
-is reported too.
+colour, position and shape. Reconstruction: held-out pictures are encoded to Stage C latents (the nano encoder) and
+decoded by Stage B + Stage A without a prompt (`pipe.encode` / `pipe.decode`), and compared with the originals (PSNR,
+and how often the detector reads the drawn shape back); Stage A alone is reported too. Image-to-image: strength 0
+must return the picture (PSNR), strength 0.5 with a prompt naming another colour must keep its position and
+background.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
                                 [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
@@ -59,10 +61,16 @@ def analyse(image: np.ndarray) -> dict:
     return out
 
 
+def to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3,H,W) in [0, 1] -> (H,W,3) uint8, as a saved picture holds it."""
+    return (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="nano", help="the built-in model, or a folder written by train_nano.py")
     p.add_argument("--n", type=int, default=60, help="prompts to generate")
+    p.add_argument("--pictures", type=int, default=16, help="held-out pictures to reconstruct and vary")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -104,16 +112,30 @@ def main(argv=None):
         hits["all"] += all(ok.values())
     alignment = {k: round(v / len(cases), 3) for k, v in hits.items()}
 
-    images = torch.stack([torch.from_numpy(np.asarray(draw(*c, size=64, jitter=1.0, rng=random.Random(j))))
-                          .permute(2, 0, 1).float() / 255 for j, c in enumerate(cases[:16])])
+    pictures = cases[:a.pictures]
+    images = torch.stack([torch.from_numpy(np.array(draw(*c, size=64, jitter=1.0, rng=random.Random(j))))
+                          .permute(2, 0, 1).float() / 255 for j, c in enumerate(pictures)])
     with torch.no_grad():
         stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
-    full = pipe.decode(pipe.encode(list(images)), prompt=[caption(*c) for c in cases[:16]], width=64, height=64,
-                       seed=a.seed, decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+    full = pipe.decode(pipe.encode(list(images)), width=64, height=64, seed=a.seed,
+                       decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+    shapes_kept = np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(full, pictures)])
+    kept, layout = [], []
+    for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
+        same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=a.seed + j,
+                            decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+        other = next(c for c in NAMES[NAMES.index(colour) + 1:] + NAMES if c not in (colour, background))
+        half = pipe.img2img(picture, caption(other, shape, position, background), strength=0.5, seed=a.seed + j,
+                            decoder_guidance=a.decoder_guidance, output_type="pt", progress=False, **chosen)
+        kept.append(same)
+        found = analyse(to_uint8(half[0]))
+        layout.append(found["position"] == position and found["background"] == background)
     figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name, **chosen, "decoder_guidance": pipe.decoder_guidance
                if a.decoder_guidance is None else a.decoder_guidance, "alignment": alignment,
-               "psnr_stage_a": round(psnr(stage_a_only, images), 2),
-               "psnr_reconstruction": round(psnr(full, images), 2)}
+               "pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
+               "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
+               "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),
+               "img2img_strength_half_keeps_layout": round(float(np.mean(layout)), 3)}
     print(json.dumps(figures, indent=1))
     if a.json:
         a.json.write_text(json.dumps(figures, indent=1))

@@ -51,21 +51,48 @@ def test_config_yaml_and_overrides(tmp_path):
     assert cfg.task == "b" and cfg.multi_aspect == ["16/9", "1/1"]
 
 
-def test_compression_sets_the_stage_c_latent_size(tmp_path, folder):
+def test_compression_sets_the_stage_c_latent_size(tmp_path, folder, monkeypatch):
     """The effnet sees each image at 32 px per latent cell of `compression`; with the built-in nano encoder and no
-    compression given, the nano model's own (model.json), so a LoRA on nano trains on the latents it samples."""
+    compression given, the one nano's model.json records, so a LoRA on nano trains on the latents it samples."""
     import json
+    import shutil
 
-    from stablecascade.loading import NANO_DIR
+    from stablecascade import loading
 
     images = torch.rand(2, 3, 64, 64)
     with pytest.raises(ConfigError, match="compression must be a number from 8 to 128"):
         _cfg(tmp_path, folder, compression=4)
     assert Trainer(_cfg(tmp_path, folder, compression=16))._encode_c(images).shape == (2, 16, 4, 4)
-    nano_side = -(-64 // json.loads((NANO_DIR / "model.json").read_text())["compression"])
+    assert Trainer(_cfg(tmp_path, folder, compression=None))._encode_c(images).shape == (2, 16, 2, 2)  # as it is
+    bundle = tmp_path / "nano"
+    shutil.copytree(loading.NANO_DIR, bundle)
+    manifest = json.loads((bundle / "model.json").read_text())
+    (bundle / "model.json").write_text(json.dumps({**manifest, "compression": 16}))
+    monkeypatch.setattr(loading, "NANO_DIR", bundle)
     trainer = Trainer(_cfg(tmp_path, folder, compression=None))
-    assert trainer._encode_c(images).shape == (2, 16, nano_side, nano_side)
-    assert trainer.sample_c(["a"], 64, torch.Generator().manual_seed(0), steps=1).shape[-2:] == (nano_side, nano_side)
+    assert trainer._encode_c(images).shape == (2, 16, 4, 4)
+    assert trainer.sample_c(["a"], 64, torch.Generator().manual_seed(0), steps=1).shape[-2:] == (4, 4)
+    assert loading.load_pipeline("nano", "nano").compression == 16  # and the pipeline samples at it
+
+
+def test_target_defaults_to_what_the_model_records(tmp_path, folder, caplog):
+    """Finetuning a v model trains v unless the config says otherwise (and then the log says so); the built-in
+    nano's model.json says what its stages predict."""
+    import json
+
+    from stablecascade.loading import NANO_DIR
+    from stablecascade.train.trainer import recorded_prediction
+
+    nano = json.loads((NANO_DIR / "model.json").read_text()).get("predictions", ["eps", "eps"])
+    assert [recorded_prediction("nano", k) for k in ("stage_c", "stage_b")] == nano
+    assert recorded_prediction("new:tiny", "stage_c") is None
+    Trainer(_cfg(tmp_path, folder, target="v", steps=1)).fit(progress=False)
+    path = str(tmp_path / "run" / "final" / "stage_c.safetensors")
+    assert recorded_prediction(path, "stage_c") == "v"
+    assert Trainer(_cfg(tmp_path / "default", folder, stage_c=path, target=None)).target == "v"
+    with caplog.at_level("WARNING", logger="stablecascade.train"):
+        assert Trainer(_cfg(tmp_path / "eps", folder, stage_c=path, target="eps")).target == "eps"
+    assert "stage_c predicts v (its file says so) but target is eps" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------------- data

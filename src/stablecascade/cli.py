@@ -83,7 +83,7 @@ def _sampling_options(p: argparse.ArgumentParser, native_default: bool, prior: b
                         f"'dpmpp_2m': other samplers on the official schedule (default {DEFAULTS.sampler})")
     g.add_argument("--compression", type=float, default=None,
                    help="image pixels per Stage C latent cell: lower is more detail and slower, ComfyUI users like "
-                        "~32 (default the model's: 42.67 for the released ones, 1024 px -> 24 cells; 8 for nano)")
+                        "~32 (default the model's: 42.67 for the released ones, 1024 px -> 24 cells)")
     if prior:
         g.add_argument("--previews", metavar="DIR", help="save the Previewer's picture of every Stage C step here")
     g.add_argument("--out", default="outputs", help="folder for the PNG files (default ./outputs)")

@@ -36,14 +36,13 @@ class NanoEncoder(nn.Module):
     """The nano model's EfficientNet stand-in: a small conv net from RGB in [0, 1] (B,3,H,W) to 16-channel latents
     at ceil(H/32) x ceil(W/32), normalised per position. It defines the nano Stage C latent space; 64x64 shapes need
     no ImageNet features, so it is trained as an autoencoder with the Previewer (scripts/train_nano.py), or left
-    seeded and random for tests. The pipeline upscales nano's 64 px pictures 4x for it (32 px per cell at its
-    compression of 8), so it first averages 4x4 pixels back: the same picture at a sixteenth of the work."""
+    seeded and random for tests."""
 
-    def __init__(self, c_latent: int = 16, width: int = 64):
+    def __init__(self, c_latent: int = 16, width: int = 48):
         super().__init__()
         self.net = nn.Sequential(
-            nn.AvgPool2d(4),
-            nn.Conv2d(3, width, 2, stride=2), nn.GELU(),
+            nn.Conv2d(3, width, 4, stride=4), nn.GELU(),
+            nn.Conv2d(width, width, 2, stride=2), nn.GELU(),
             nn.Conv2d(width, width, 2, stride=2), nn.GELU(),
             nn.Conv2d(width, c_latent, 2, stride=2),
             LayerNorm2d(c_latent, elementwise_affine=False, eps=1e-6),

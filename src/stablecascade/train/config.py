@@ -79,7 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the U-Net blocks' activations in backward (every task)
 
     # -- diffusion objective
-    target: str = "eps"  # eps | v
+    target: Optional[str] = None  # eps | v; None: what the model trained on records (the built-in nano: v), else eps
     noise_shift: float = 1.0  # GDF shift of the training noise levels (SNR / shift²); sampling must use the same
     loss_weight: str = "adaptive"  # adaptive | p2 | constant
     adaptive_buckets: int = 300
@@ -185,7 +185,8 @@ class TrainConfig:
         if self.cache_text and self.task not in ("c", "lcm"):
             raise ConfigError(f"cache_text works for tasks c and lcm (a frozen text encoder), not {self.task!r}: "
                               "set cache_text: false")
-        choice("target", ("eps", "v"))
+        if self.target is not None:
+            choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
         choice("lcm_student", ("lora", "full"))

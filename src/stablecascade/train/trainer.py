@@ -152,6 +152,19 @@ def effnet_compression(cfg: TrainConfig) -> Optional[float]:
     return checkpoints.read_bundle_manifest(NANO_DIR / "model.json").get("compression")
 
 
+def recorded_prediction(spec: Optional[str], kind: str) -> Optional[str]:
+    """What a model to train on says it predicts ("eps" or "v"): the built-in nano's model.json, or our trainer's
+    metadata in a safetensors file; None when nothing says (a new model, the released files)."""
+    if spec == "nano":
+        from ..loading import NANO_DIR
+
+        predictions = checkpoints.read_bundle_manifest(NANO_DIR / "model.json").get("predictions", ("eps", "eps"))
+        return predictions[0 if kind == "stage_c" else 1]
+    if spec and not spec.startswith("new:"):
+        return sampling.read_model_metadata(spec).get("prediction")
+    return None
+
+
 def build_or_load(spec: str, kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """"new:<config>" -> a freshly initialised model of a named config (float32); "nano" -> the built-in nano
     model's part; otherwise a checkpoint path, read in `dtype` one tensor at a time."""
@@ -510,6 +523,12 @@ class Trainer:
             build_or_load(cfg.stage_a, "stage_a", dtype["stage_a"]) if cfg.stage_a else None)
         self.effnet = parts.get("effnet") or load_effnet(cfg.effnet, load_dtype(cfg.frozen_dtype))
         self.compression = effnet_compression(cfg)
+        kind = "stage_b" if cfg.task == "b" else "stage_c"
+        recorded = recorded_prediction(getattr(cfg, kind), kind)
+        if cfg.target and recorded and cfg.target != recorded:
+            log.warning("%s predicts %s (its file says so) but target is %s: training changes what it predicts",
+                        kind, recorded, cfg.target)
+        self.target = cfg.target or recorded or "eps"
         self.previewer = parts.get("previewer") or (
             checkpoints.load_official(nano_part(cfg.previewer, "previewer"), "previewer", dtype=torch.float32)
             if cfg.previewer else None)
@@ -741,7 +760,7 @@ class Trainer:
         noised = diffusion.diffuse(latents, eps, lam)
         if task == "lcm":
             return self._consistency_loss(noised, (t, t_earlier), (lam, lam_earlier), captions, cond, uncond)
-        tgt = diffusion.target(latents, eps, lam, cfg.target)
+        tgt = diffusion.target(latents, eps, lam, self.target)
         r = diffusion.noise_cond(lam)
         with self.autocast:
             if task == "lora":
@@ -790,14 +809,14 @@ class Trainer:
         with torch.no_grad():
             teacher = self._guided(self.stage_c, cond, uncond, cfg.lcm_guidance)
             with self._teacher():
-                x0, eps = diffusion.undiffuse(noised, lam, teacher(noised, diffusion.noise_cond(lam)), cfg.target)
+                x0, eps = diffusion.undiffuse(noised, lam, teacher(noised, diffusion.noise_cond(lam)), self.target)
             earlier = diffusion.diffuse(x0, eps, lam_earlier)
             with self.autocast:
                 pred = self._target_prediction(earlier, diffusion.noise_cond(lam_earlier), captions, cond)
-            aim, _ = sampling.consistency_x0(earlier, lam_earlier, t_earlier, pred.float(), cfg.target)
+            aim, _ = sampling.consistency_x0(earlier, lam_earlier, t_earlier, pred.float(), self.target)
         with self.autocast:
             pred = self._student_prediction(noised, diffusion.noise_cond(lam), captions, cond)
-        estimate, _ = sampling.consistency_x0(noised, lam, t, pred.float(), cfg.target)
+        estimate, _ = sampling.consistency_x0(noised, lam, t, pred.float(), self.target)
         squared = (estimate - aim) ** 2
         if cfg.lcm_loss == "huber":
             squared = (squared + cfg.lcm_huber_c**2).sqrt() - cfg.lcm_huber_c
@@ -1152,7 +1171,7 @@ class Trainer:
                                   metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
         name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet", "lcm": "stage_c"}[task]
-        recorded = {**sampling.model_metadata(self.cfg.target, self.sampling_shift()), **extra} \
+        recorded = {**sampling.model_metadata(self.target, self.sampling_shift()), **extra} \
             if task != "controlnet" else None
         for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
             if state is not None:
@@ -1236,7 +1255,7 @@ class Trainer:
                                dict(clip_text=neg_text, clip_text_pooled=neg_pooled, clip_img=img), cfg_scale)
         (hc, wc), _ = latent_sizes(size, size, self.compression or EFFNET_FACTOR)
         x = sampling.randn((n, self.stage_c.config.c_out, hc, wc), gen, device=dev)
-        return sampling.sample(denoise, x, steps, sampler=sampler, shift=self.sampling_shift(), target=self.cfg.target,
+        return sampling.sample(denoise, x, steps, sampler=sampler, shift=self.sampling_shift(), target=self.target,
                                generator=gen)
 
     def decode_c(self, latents, prompts, gen):
@@ -1251,7 +1270,7 @@ class Trainer:
 
     def reconstruct(self, images, captions, gen):
         return self._stage_b_images(self.trained, self._encode_c(images), captions, gen, *images.shape[-2:],
-                                    self.sampling_shift(), self.cfg.target)
+                                    self.sampling_shift(), self.target)
 
     def _encode_c(self, images):
         """Stage C latents of images: the effnet sees them resized to ceil(side / compression) * 32 px, as the
