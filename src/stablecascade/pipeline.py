@@ -361,9 +361,9 @@ class StableCascadePipeline:
         stops the run.
 
         `compression` sets the Stage C latent size (ceil(size / compression)): lower values give more detail at
-        more cost; default the model's (42.67 for the released models). `preview_callback(step, preview)` receives the Previewer's RGB preview (B,3,8h,8w) in [0, 1]
-        of the current Stage C estimate after every Stage C step. `tiled_decode` makes Stage A decode in tiles
-        (bounded memory); None does so above 2048x2048 pixels."""
+        more cost; default the model's (42.67 for the released models). `preview_callback(step, preview)` receives
+        the Previewer's RGB preview (B,3,8h,8w) in [0, 1] of the current Stage C estimate after every Stage C step.
+        `tiled_decode` makes Stage A decode in tiles (bounded memory); None does so above 2048x2048 pixels."""
         run = self._settings(**{k: v for k, v in locals().items() if k != "self"})
         return self._output(self._decoder(run, *self._prior(run)), run, "text-to-image")
 

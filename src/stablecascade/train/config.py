@@ -79,7 +79,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the U-Net blocks' activations in backward (every task)
 
     # -- diffusion objective
-    target: Optional[str] = None  # eps | v; None: what the model trained on records (the built-in nano: v), else eps
+    target: Optional[str] = None  # eps | v; None: what the trained model records (file, nano model.json), else eps
     noise_shift: float = 1.0  # GDF shift of the training noise levels (SNR / shift²); sampling must use the same
     loss_weight: str = "adaptive"  # adaptive | p2 | constant
     adaptive_buckets: int = 300

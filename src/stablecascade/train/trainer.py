@@ -142,24 +142,26 @@ def nano_part(spec: Optional[str], part: str) -> Optional[str]:
     return str(NANO_DIR / NANO_PARTS[part])
 
 
+def nano_manifest() -> dict:
+    """The built-in nano model's model.json (what it was trained at)."""
+    from ..loading import NANO_DIR
+
+    return checkpoints.read_bundle_manifest(NANO_DIR / "model.json")
+
+
 def effnet_compression(cfg: TrainConfig) -> Optional[float]:
     """Image pixels per Stage C latent cell: the config's, else the built-in nano model's when its encoder is used
     (model.json), else None (the effnet sees images as they are, 32 px per cell)."""
     if cfg.compression is not None or cfg.effnet != "nano":
         return cfg.compression
-    from ..loading import NANO_DIR
-
-    return checkpoints.read_bundle_manifest(NANO_DIR / "model.json").get("compression")
+    return nano_manifest().get("compression")
 
 
 def recorded_prediction(spec: Optional[str], kind: str) -> Optional[str]:
     """What a model to train on says it predicts ("eps" or "v"): the built-in nano's model.json, or our trainer's
     metadata in a safetensors file; None when nothing says (a new model, the released files)."""
     if spec == "nano":
-        from ..loading import NANO_DIR
-
-        predictions = checkpoints.read_bundle_manifest(NANO_DIR / "model.json").get("predictions", ("eps", "eps"))
-        return predictions[0 if kind == "stage_c" else 1]
+        return nano_manifest().get("predictions", ("eps", "eps"))[0 if kind == "stage_c" else 1]
     if spec and not spec.startswith("new:"):
         return sampling.read_model_metadata(spec).get("prediction")
     return None
