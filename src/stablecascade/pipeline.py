@@ -409,11 +409,14 @@ class StableCascadePipeline:
         if len({p.shape for p in pixels}) != 1:
             raise InputError("encode() takes images of one size; encode differently sized images separately")
         batch = torch.stack(pixels)
-        return self._encode(batch, batch.shape[-2], batch.shape[-1],
-                            self.compression if compression is None else compression).cpu()
+        return self._encode(batch, batch.shape[-2], batch.shape[-1], self._compression(compression)).cpu()
+
+    def _compression(self, compression: Optional[float]) -> float:
+        """The asked compression, checked, or the model's own."""
+        return _check_compression(self.compression if compression is None else compression)
 
     def _encode(self, pixels, height, width, compression):
-        (hc, wc), _ = latent_sizes(height, width, _check_compression(compression))
+        (hc, wc), _ = latent_sizes(height, width, compression)
         target = (hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
         usual = max(1.0, EFFNET_FACTOR / self.compression)  # the upscaling the model's own compression implies
         if pixels.shape[-2] * 2 * usual < target[0] or pixels.shape[-1] * 2 * usual < target[1]:
@@ -431,8 +434,7 @@ class StableCascadePipeline:
             raise InputError(f"latents must be a (B,{self.stage_c.config.c_out},h,w) tensor, got {shape}")
         if not torch.isfinite(latents).all():
             raise InputError("latents contain NaN or infinite values")
-        compression = options.get("compression")
-        compression = _check_compression(self.compression if compression is None else compression)
+        compression = self._compression(options.get("compression"))
         h, w = latents.shape[-2:]
         options = {"height": round8(h * compression), "width": round8(w * compression), **options}
         prompts = [prompt] * latents.shape[0] if isinstance(prompt, str) else list(prompt)
@@ -599,8 +601,7 @@ class StableCascadePipeline:
             generator = sampling_module.seeded(seeds)
         return _Run(prompts, negatives, num_images_per_prompt, width, height, prior_steps, prior_guidance,
                     decoder_steps, decoder_guidance, seeds, generator, sampling, output_type, progress,
-                    _check_compression(self.compression if compression is None else compression), preview_callback,
-                    step_callback, tiled_decode, decoder_sampling)
+                    self._compression(compression), preview_callback, step_callback, tiled_decode, decoder_sampling)
 
 
 @contextlib.contextmanager

@@ -731,14 +731,13 @@ class Trainer:
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
                 latents = self.stage_a.encode(images)
-                h, w = images.shape[-2:]
                 if self.compression:
-                    (hc, wc), _ = latent_sizes(int(h * f), int(w * f), self.compression)
-                    small = resize(images, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
+                    effnet = self._encode_c(images, f)
                 else:
+                    h, w = images.shape[-2:]
                     size = (max(32, int(h * f) // 32 * 32), max(32, int(w * f) // 32 * 32))
-                    small = F.interpolate(images, size, mode="nearest")
-                effnet = self.effnet(small) * keep_effnet.view(-1, 1, 1, 1).to(self.device)
+                    effnet = self.effnet(F.interpolate(images, size, mode="nearest"))
+                effnet = effnet * keep_effnet.view(-1, 1, 1, 1).to(self.device)
                 _, pooled = self._text(captions)
                 cond = dict(effnet=effnet, clip=pooled)
                 eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise).to(self.device)
@@ -1274,11 +1273,12 @@ class Trainer:
         return self._stage_b_images(self.trained, self._encode_c(images), captions, gen, *images.shape[-2:],
                                     self.sampling_shift(), self.target)
 
-    def _encode_c(self, images):
-        """Stage C latents of images: the effnet sees them resized to ceil(side / compression) * 32 px, as the
-        pipeline encodes (`compression` None: as they are)."""
+    def _encode_c(self, images, scale: float = 1.0):
+        """Stage C latents of images: the effnet sees them resized to ceil(side * scale / compression) * 32 px, as
+        the pipeline encodes (`compression` None: as they are)."""
         if self.compression:
-            (hc, wc), _ = latent_sizes(*images.shape[-2:], self.compression)
+            h, w = images.shape[-2:]
+            (hc, wc), _ = latent_sizes(int(h * scale), int(w * scale), self.compression)
             images = resize(images, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
         return self.effnet(images)
 
