@@ -302,7 +302,7 @@ def test_v_model_round_trip_through_the_pipeline(tmp_path, folder, tiny, small_p
     import math
     import warnings
 
-    from stablecascade import diffusion, load_pipeline, sampling
+    from stablecascade import load_pipeline, sampling
 
     train(_cfg(tmp_path, folder, steps=2, target="v"))
     exported = tmp_path / "run" / "final" / "stage_c.safetensors"
