@@ -5,12 +5,11 @@ Alignment: each generated 64 px image is analysed without any learned model: the
 palette colour nearest the border pixels, the shape's colour that of the pixels farthest from it; the shape is the
 largest connected region of pixels nearer its colour than the background's, and the 3x3 cell of its centroid and its
 fill ratio in its bounding box (square ≈ 1, circle ≈ 0.79, triangle ≈ 0.5) give the position and shape. It reads
-every drawn combination right, blurred by a pixel or not (tests/test_nano.py). Reconstruction: held-out pictures are
-encoded to Stage C latents (the nano encoder) and decoded by Stage B + Stage A without a prompt (`pipe.encode` /
-`pipe.decode`), and compared with the originals (PSNR, and how often the detector reads the drawn shape back); Stage A
-alone is reported too. Image-to-image: strength 0
-must return the picture (PSNR), strength 0.5 with a prompt naming another colour must keep its position and
-background.
+every drawn combination right, and nearly all of them blurred by a pixel (tests/test_train.py). Reconstruction:
+held-out pictures are encoded to Stage C latents (the nano encoder) and decoded by Stage B + Stage A without a prompt
+(`pipe.encode` / `pipe.decode`), and compared with the originals (PSNR, and how often the detector reads the drawn
+shape back); Stage A alone is reported too. Image-to-image: strength 0 must return the picture (PSNR), strength 0.5
+with a prompt naming another colour must keep its position and background.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
                                 [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
