@@ -13,6 +13,7 @@ with a prompt naming another colour must keep its position and background.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
                                 [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
+                                [--decoder-steps N] [--decoder-guidance G]
 
 A consistency LoRA (`--lora`, e.g. the shipped nano_lcm_c.safetensors) switches Stage C to its sampler, steps and
 guidance unless the options say otherwise.
@@ -103,6 +104,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--decoder-guidance", type=float, help="Stage B guidance (default: the model's)")
+    p.add_argument("--decoder-steps", type=int, help="Stage B steps (default: the pipeline's)")
     p.add_argument("--lora", type=Path, help="a LoRA file to load (merged) before generating")
     p.add_argument("--sampler", default=None, help="the sampler (default: the pipeline's)")
     p.add_argument("--prior-steps", type=int, help="Stage C steps (default: the pipeline's)")
@@ -118,6 +120,8 @@ def main(argv=None):
         pipe.load_lora(a.lora)
     chosen = {k: v for k, v in (("sampling", a.sampler), ("prior_steps", a.prior_steps),
                                 ("prior_guidance", a.prior_guidance)) if v is not None}
+    decoding = {k: v for k, v in (("decoder_steps", a.decoder_steps), ("decoder_guidance", a.decoder_guidance))
+                if v is not None}
     rng = random.Random(a.seed)
     held = heldout()
     triples = sorted(held) if a.split == "heldout" else sorted(
@@ -130,8 +134,7 @@ def main(argv=None):
     hits = {k: 0 for k in ("colour", "shape", "position", "background", "all")}
     for i, (colour, shape, position, background) in enumerate(cases):
         prompt = caption(colour, shape, position, background)
-        image = pipe(prompt, width=64, height=64, seed=a.seed + i, decoder_guidance=a.decoder_guidance,
-                     progress=False, **chosen)[0]
+        image = pipe(prompt, width=64, height=64, seed=a.seed + i, progress=False, **decoding, **chosen)[0]
         found = analyse(np.asarray(image.convert("RGB")))
         truth = {"colour": colour, "shape": shape, "position": position, "background": background}
         ok = {k: found[k] == truth[k] for k in truth}
@@ -145,21 +148,21 @@ def main(argv=None):
                           .permute(2, 0, 1).float() / 255 for j, c in enumerate(pictures)])
     with torch.no_grad():
         stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
-    full = pipe.decode(pipe.encode(list(images)), width=64, height=64, seed=a.seed,
-                       decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+    full = pipe.decode(pipe.encode(list(images)), width=64, height=64, seed=a.seed, output_type="pt", progress=False,
+                       **decoding)
     shapes_kept = np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(full, pictures)])
     kept, layout = [], []
     for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
         same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=a.seed + j,
-                            decoder_guidance=a.decoder_guidance, output_type="pt", progress=False)
+                            **decoding, output_type="pt", progress=False)
         other = next(c for c in NAMES[NAMES.index(colour) + 1:] + NAMES if c not in (colour, background))
         half = pipe.img2img(picture, caption(other, shape, position, background), strength=0.5, seed=a.seed + j,
-                            decoder_guidance=a.decoder_guidance, output_type="pt", progress=False, **chosen)
+                            **decoding, output_type="pt", progress=False, **chosen)
         kept.append(same)
         found = analyse(to_uint8(half[0]))
         layout.append(found["position"] == position and found["background"] == background)
-    figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name, **chosen, "decoder_guidance": pipe.decoder_guidance
-               if a.decoder_guidance is None else a.decoder_guidance, "alignment": alignment,
+    figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name, **chosen,
+               "decoder_guidance": pipe.decoder_guidance, **decoding, "alignment": alignment,
                "pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
                "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
                "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),
