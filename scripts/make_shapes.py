@@ -21,8 +21,13 @@ POSITIONS = {"top left": (0, 0), "top": (0, 1), "top right": (0, 2), "left": (1,
              "right": (1, 2), "bottom left": (2, 0), "bottom": (2, 1), "bottom right": (2, 2)}
 
 
-def caption(colour, shape, position, background) -> str:
-    where = f"at the {position}" if position != "centre" else "in the centre"
+# how people write the middle cell; training captions use each, so every one of them works in a prompt
+CENTRE_WORDINGS = ("in the centre", "in the center", "in the middle", "at the centre", "at the center")
+
+
+def caption(colour, shape, position, background, wording: int = 0) -> str:
+    """The caption; `wording` picks one of CENTRE_WORDINGS for the middle cell (0: "in the centre")."""
+    where = f"at the {position}" if position != "centre" else CENTRE_WORDINGS[wording % len(CENTRE_WORDINGS)]
     return f"a {colour} {shape} {where} on a {background} background"
 
 
@@ -63,14 +68,15 @@ def combos(split: str):
 
 
 def generate(out: Path, count: int, size: int = 64, seed: int = 0, split: str = "train") -> list[tuple]:
-    rng = random.Random(seed)
+    rng, wordings = random.Random(seed), random.Random(seed + 1)  # a second stream: the pictures stay as they were
     pool = list(combos(split))
     out.mkdir(parents=True, exist_ok=True)
     made = []
     for i in range(count):
         colour, shape, position, background = pool[i % len(pool)] if i < len(pool) else rng.choice(pool)
         draw(colour, shape, position, background, size, jitter=1.0, rng=rng).save(out / f"{i:06d}.png")
-        (out / f"{i:06d}.txt").write_text(caption(colour, shape, position, background))
+        (out / f"{i:06d}.txt").write_text(caption(colour, shape, position, background,
+                                                  wordings.randrange(len(CENTRE_WORDINGS))))
         made.append((colour, shape, position, background))
     return made
 

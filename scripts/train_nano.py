@@ -6,6 +6,8 @@ NanoEncoder that defined the Stage C latent space (OUT/nano_encoder.safetensors)
     python scripts/train_nano.py --work runs/nano --out src/stablecascade/assets/nano [--scale 1.0]
 
 The recipe (configs/nano/*.yaml) is the source of the Stage B and Stage C settings; `--scale` multiplies step counts.
+The encoder and Previewer train first; then Stage C trains in one process while Stage A and then Stage B train in
+another, a CPU thread each.
 """
 
 from __future__ import annotations
@@ -13,13 +15,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# image pixels per Stage C latent cell (model.json "compression", configs/nano/*.yaml): 64 px pictures get 4x4
+# latents, which hold a shape where the released models' 42.67 would leave a 2x2 latent that cannot
+COMPRESSION = 16
 # Stage B guidance (Stage C latent vs none) the nano model samples with by default: without it the small Stage B
 # paints the backgrounds but only faint shapes (scripts/eval_nano.py --decoder-guidance measures it)
 DECODER_GUIDANCE = 2.0
@@ -59,13 +66,15 @@ def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
     from stablecascade.models import StageA
 
     torch.manual_seed(seed)
-    model = StageA(configs.STAGE_A["tiny"]).train()
+    model = StageA(configs.STAGE_A["nano"]).train()
     batches = _batches(data, batch, seed)
 
     def loss_of(images):
         latents = model.encode(images)
         recon = model.decode(latents)
-        return (recon - images).abs().mean() + ((recon - images) ** 2).mean() + 1e-3 * latents.pow(2).mean()
+        # and the pictures' gradients: the shapes are told apart by their edges, which a pixel loss lets blur
+        edges = sum((torch.diff(recon, dim=d) - torch.diff(images, dim=d)).abs().mean() for d in (-1, -2))
+        return (recon - images).abs().mean() + ((recon - images) ** 2).mean() + edges + 1e-3 * latents.pow(2).mean()
 
     _fit("stage A", model.parameters(), loss_of, batches, steps, lr)
     model.eval().requires_grad_(False)
@@ -78,20 +87,52 @@ def train_stage_a(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
 
 def train_encoder(data: Path, steps: int, batch: int, lr: float, seed: int = 0):
     """The nano image encoder (the EfficientNet's stand-in, defining the Stage C latent space) and a small Previewer,
-    trained together as an autoencoder: image -> 16 x H/32 x W/32 latent -> RGB at H/4 (the Previewer's 8x), against
-    the image downscaled to that size. So the latent holds what the picture shows (colours, shape, position), and
-    the Previewer can show any Stage C latent as a picture during sampling."""
+    trained together as an autoencoder: image -> 16-channel latent at COMPRESSION px per cell (the encoder sees the
+    image resized to 32 px per cell, as the pipeline feeds it) -> RGB at 8x the latent (the Previewer's), against
+    the image resized to that. So the latent holds what the picture shows (colours, shape, position), and the
+    Previewer can show any Stage C latent as a picture during sampling. Returns the encoder, the Previewer and how
+    often the shape detector of scripts/eval_nano.py reads the drawn shape in the Previewer's picture of held-out
+    pictures: the check that the latent keeps shapes."""
     import torch.nn.functional as F
 
     from stablecascade import configs
+    from stablecascade.geometry import EFFNET_FACTOR, latent_sizes
+    from stablecascade.images import resize
     from stablecascade.models import NanoEncoder, Previewer
 
     torch.manual_seed(seed)
     encoder, previewer = NanoEncoder().train(), Previewer(configs.PreviewerConfig(c_hidden=64)).train()
-    _fit("encoder", [*encoder.parameters(), *previewer.parameters()],
-         lambda images: F.mse_loss(previewer(encoder(images)), F.avg_pool2d(images, 4)),
-         _batches(data, batch, seed), steps, lr)
-    return encoder.eval().requires_grad_(False), previewer.eval().requires_grad_(False)
+
+    def round_trip(images):
+        (h, w), _ = latent_sizes(*images.shape[-2:], COMPRESSION)
+        return previewer(encoder(resize(images, h * EFFNET_FACTOR, w * EFFNET_FACTOR))), (8 * h, 8 * w)
+
+    def loss_of(images):
+        preview, size = round_trip(images)
+        return F.mse_loss(preview, resize(images, *size))
+
+    _fit("encoder", [*encoder.parameters(), *previewer.parameters()], loss_of, _batches(data, batch, seed), steps, lr)
+    encoder.eval().requires_grad_(False), previewer.eval().requires_grad_(False)
+    with torch.no_grad():
+        shapes = _shape_agreement(lambda images: round_trip(images)[0].clamp(0, 1))
+    print(f"encoder: the Previewer's picture shows the drawn shape for {shapes:.0%} of held-out pictures", flush=True)
+    return encoder, previewer, shapes
+
+
+def _shape_agreement(round_trip, n: int = 64) -> float:
+    """How often eval_nano's detector finds the drawn shape in round_trip(images) (B,3,H,W) of held-out pictures."""
+    import random
+
+    import numpy as np
+    from eval_nano import analyse
+    from make_shapes import COLOURS, draw, heldout
+
+    rng = random.Random(1)
+    cases = [(c, s, p, rng.choice([b for b in COLOURS if b != c])) for c, s, p in sorted(heldout())][:n]
+    images = torch.stack([torch.from_numpy(np.array(draw(*case, size=64, jitter=1.0, rng=rng))).permute(2, 0, 1)
+                          for case in cases]).float() / 255
+    out = (round_trip(images) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    return sum(analyse(o)["shape"] == case[1] for o, case in zip(out, cases)) / len(cases)
 
 
 def main(argv=None):
@@ -106,7 +147,7 @@ def main(argv=None):
     from make_shapes import generate
 
     from stablecascade import checkpoints
-    from stablecascade.train import load_config, train
+    from stablecascade.train import load_config
     from stablecascade.train.text import clip_tokenizer, small_text_model
 
     data = a.work / "data"
@@ -137,35 +178,66 @@ def main(argv=None):
     if not encoder_file.is_file():
         from safetensors.torch import save_file
 
-        encoder, previewer = timed("encoder_s", lambda: train_encoder(data, int(2000 * a.scale), 64, 2e-3))
+        encoder, previewer, shapes = timed("encoder_s", lambda: train_encoder(data, int(1500 * a.scale), 32, 2e-3))
+        (parts_dir / "encoder_check.json").write_text(json.dumps({"previewer_shape_agreement": shapes}))
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_file))
         checkpoints.save_official(previewer, previewer_file)
 
     stage_a_file = parts_dir / "stage_a.safetensors"
-    if not stage_a_file.is_file():
-        checkpoints.save_official(timed("stage_a_s", lambda: train_stage_a(data, int(1200 * a.scale), 32, 2e-3)),
-                                  stage_a_file)
-
-    common = [f"data=[{data}]", f"effnet=nano:{encoder_file}",
-              f"text_encoder={text_dir}", f"tokenizer={parts_dir / 'tokenizer'}", f"stage_a={stage_a_file}"]
+    common = [f"data=[{data}]", f"effnet=nano:{encoder_file}", f"text_encoder={text_dir}",
+              f"tokenizer={parts_dir / 'tokenizer'}"]
     recipes = ROOT / "configs" / "nano"
-    cfg_b = load_config(recipes / "stage_b.yaml", common + [f"output_dir={a.work / 'b'}"], task="b")
-    cfg_b.steps = max(1, int(cfg_b.steps * a.scale))
-    if not (a.work / "b" / "final").is_dir():
-        timed("stage_b_s", lambda: train(cfg_b))
+    cfg_b = load_config(recipes / "stage_b.yaml", common + [f"output_dir={a.work / 'b'}", f"stage_a={stage_a_file}"],
+                        task="b")
     cfg_c = load_config(recipes / "stage_c.yaml", common + [f"output_dir={a.work / 'c'}",
-                        f"stage_b={a.work / 'b/final/stage_b_ema.safetensors'}"], task="c")
-    cfg_c.steps = max(1, int(cfg_c.steps * a.scale))
-    if not (a.work / "c" / "final").is_dir():
-        timed("stage_c_s", lambda: train(cfg_c))
-    export(a.work, parts_dir, a.out, cfg_b.noise_shift)
+                                                            f"previewer={previewer_file}"], task="c")
+    for cfg in (cfg_b, cfg_c):
+        cfg.steps = max(1, int(cfg.steps * a.scale))
+    # Stage C needs only the encoder and the text encoder, so it trains beside Stage A and then Stage B, a core
+    # each: these small models gain little from a second thread, and the recipe takes the longer of the two
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_train_prior, cfg_c), pool.submit(_train_decoder, data, stage_a_file, cfg_b, a.scale)]
+        for job in jobs:
+            times.update(job.result())
+            times_file.write_text(json.dumps(times))
+    export(a.work, parts_dir, a.out, cfg_b.noise_shift, (cfg_c.target or "eps", cfg_b.target or "eps"))
     (a.out / "training.json").write_text(json.dumps({"seconds": times, "images": a.count, "size": 64,
+                                                     **json.loads((parts_dir / "encoder_check.json").read_text()),
                                                      "stage_b": cfg_b.to_dict(), "stage_c": cfg_c.to_dict()},
                                                     indent=1))
     print("times", times)
 
 
-def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
+def _timed(name: str, run) -> dict:
+    t0 = time.time()
+    run()
+    return {name: round(time.time() - t0, 1)}
+
+
+def _train_prior(cfg) -> dict:
+    """Stage C (one thread), unless a finished run is there; returns its seconds."""
+    from stablecascade.train import train
+
+    torch.set_num_threads(1)
+    return {} if (Path(cfg.output_dir) / "final").is_dir() else _timed("stage_c_s", lambda: train(cfg))
+
+
+def _train_decoder(data: Path, stage_a_file: Path, cfg_b, scale: float) -> dict:
+    """Stage A, then Stage B on it (one thread), each unless finished; returns their seconds."""
+    from stablecascade import checkpoints
+    from stablecascade.train import train
+
+    torch.set_num_threads(1)
+    times = {}
+    if not stage_a_file.is_file():
+        times = _timed("stage_a_s", lambda: checkpoints.save_official(
+            train_stage_a(data, int(2500 * scale), 32, 2e-3), stage_a_file))
+    if not (Path(cfg_b.output_dir) / "final").is_dir():
+        times.update(_timed("stage_b_s", lambda: train(cfg_b)))
+    return times
+
+
+def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float, predictions: tuple[str, str]):
     import shutil
 
     from make_shapes import caption
@@ -190,7 +262,8 @@ def export(work: Path, parts_dir: Path, out: Path, noise_shift_b: float):
     for name in ("nano_encoder.safetensors", "previewer.safetensors"):
         shutil.copy(parts_dir / name, out / name)
     # what load_pipeline("nano", "nano") needs beyond the diffusers-layout folders
-    (out / "model.json").write_text(json.dumps({"native_size": 64, "shifts": [2.0, noise_shift_b],
+    (out / "model.json").write_text(json.dumps({"native_size": 64, "compression": COMPRESSION,
+                                                "shifts": [2.0, noise_shift_b], "predictions": list(predictions),
                                                 "decoder_guidance": DECODER_GUIDANCE,
                                                 "effnet": "nano_encoder.safetensors",
                                                 "previewer": "previewer.safetensors",

@@ -100,25 +100,26 @@ PROMPTS = ["a red circle at the top left on a blue background", "a yellow square
 
 @pytest.mark.usefixtures("one_thread")
 def test_a_few_steps_move_the_4_step_student_toward_the_20_step_teacher(tmp_path):
-    """The nano Stage C distilled for 10 steps: its 4-step lcm samples (guidance 1) come closer to the teacher's
-    20-step official samples from the same seeds; the exported LoRA says how to sample it. The teacher guides at 8,
-    so that folding its guidance into the student is most of the gap (measured: 101 -> 89)."""
+    """The nano Stage C distilled for 10 steps (teacher guidance 4, the default grid): its 4-step lcm samples at
+    guidance 1 come closer to the teacher's 20-step samples from the same seeds; the exported LoRA says how to sample
+    it. The teacher samples with DDIM, the probability-flow ODE that consistency distillation learns to jump along:
+    the official sampler draws fresh noise every step, which no student can foresee (measured: 0.0238 -> 0.0220;
+    against the official sampler's samples the distance does not fall)."""
     from stablecascade.train.config import from_dict
     from stablecascade.train.trainer import Trainer
 
     cfg = from_dict(dict(task="lcm", output_dir=str(tmp_path / "run"), data=[str(shapes(tmp_path / "data"))],
-                         image_size=64, batch_size=4, steps=10, lr=6e-4, warmup_steps=1, stage_c="nano",
-                         effnet="nano", text_encoder="nano", lora_rank=8, lora_layers="all", lcm_skip=250,
-                         ema_beta=0.5, loss_weight="constant", caption_dropout=0.0, num_workers=0, save_every=100,
-                         lcm_guidance=8.0,
+                         image_size=64, batch_size=4, steps=10, lr=1e-3, warmup_steps=1, stage_c="nano",
+                         effnet="nano", text_encoder="nano", lora_rank=8, lora_layers="all", ema_beta=0.5,
+                         loss_weight="constant", caption_dropout=0.0, num_workers=0, save_every=100,
                          resume="never")).validate()
     trainer = Trainer(cfg)
+    with torch.no_grad(), trainer._teacher():
+        teacher = trainer.sample_c(PROMPTS, 64, torch.Generator().manual_seed(0), steps=20,
+                                   cfg_scale=cfg.lcm_guidance, sampler="ddim")
 
     @torch.no_grad()
     def distance():
-        with trainer._teacher():
-            teacher = trainer.sample_c(PROMPTS, 64, torch.Generator().manual_seed(0), steps=20, cfg_scale=8.0,
-                                       sampler="official")
         student = trainer.sample_c(PROMPTS, 64, torch.Generator().manual_seed(0))  # lcm, 4 steps, guidance 1
         return float(((student - teacher) ** 2).mean())
 

@@ -1,6 +1,7 @@
 """The built-in nano model: shipped weights, the default of the CLI, and that it draws what it is asked for."""
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -15,13 +16,8 @@ from stablecascade.images import psnr
 from stablecascade.loading import NANO_DIR
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from eval_nano import analyse  # noqa: E402
-from make_shapes import draw  # noqa: E402
-
-# trained combinations with varied colours, shapes, positions and backgrounds
-PROMPTS = [("red", "circle", "top left", "blue"), ("yellow", "square", "centre", "black"),
-           ("green", "triangle", "bottom right", "white"), ("blue", "circle", "right", "yellow"),
-           ("white", "square", "top", "red"), ("black", "circle", "bottom left", "green")]
+from eval_nano import analyse, to_uint8  # noqa: E402
+from make_shapes import CENTRE_WORDINGS, COLOURS, caption, draw, heldout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +30,7 @@ def test_weights_are_small_safetensors_files():
     weights = [p for p in files if p.suffix == ".safetensors"]
     assert len(weights) == 7  # Stage C, Stage B, Stage A, text encoder, image encoder, Previewer, LCM LoRA
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
-    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    assert sum(p.stat().st_size for p in files) < 30 * 2**20
     assert json.loads((NANO_DIR / "model.json").read_text())["native_size"] == 64
 
 
@@ -52,35 +48,70 @@ def test_generate_uses_the_nano_model_when_no_checkpoint_is_configured(tmp_path,
     assert found["background"] == "blue"
 
 
+def held_out_cases(n):
+    """n held-out (colour, shape, position, background) combinations (never trained on), as eval_nano picks them."""
+    rng = random.Random(0)
+    return [(c, s, p, rng.choice([b for b in COLOURS if b != c])) for c, s, p in sorted(heldout())[:n]]
+
+
 def test_nano_draws_what_the_prompt_asks_for(nano):
-    hits = {"colour": 0, "shape": 0, "position": 0, "background": 0}
-    for i, (colour, shape, position, background) in enumerate(PROMPTS):
-        where = f"at the {position}" if position != "centre" else "in the centre"
-        image = nano(f"a {colour} {shape} {where} on a {background} background", seed=i, progress=False)[0]
-        found = analyse(np.asarray(image))
-        truth = {"colour": colour, "shape": shape, "position": position, "background": background}
-        for key in hits:
-            hits[key] += found[key] == truth[key]
-    # measured here: 6/6 colours, positions and backgrounds (README: 60 held-out prompts); chance is 1/6, 1/9, 1/6
-    assert hits["background"] >= 5 and hits["colour"] >= 4 and hits["position"] >= 5, hits
+    cases = held_out_cases(18)
+    hits = {"colour": 0, "shape": 0, "position": 0, "background": 0, "all": 0}
+    for i, case in enumerate(cases):
+        found = analyse(np.asarray(nano(caption(*case), seed=i, progress=False)[0]))
+        ok = [found[k] == v for k, v in zip(("colour", "shape", "position", "background"), case)]
+        for key, v in zip(hits, ok + [all(ok)]):
+            hits[key] += v
+    # measured here on these 18: colour 17, shape 7, position 17, background 18, all four 7 (README: eval_nano.py on
+    # 60 and 240); the shapes are near chance (6 of 18): Stage B does not draw them yet (issue 15)
+    assert hits["colour"] >= 16 and hits["shape"] >= 5 and hits["position"] >= 16, hits
+    assert hits["background"] >= 17 and hits["all"] >= 5, hits
+
+
+@pytest.mark.parametrize("wording", CENTRE_WORDINGS)
+def test_nano_reads_the_ways_people_write_the_centre(nano, wording):
+    prompt = f"a red square {wording} on a blue background"
+    found = [analyse(np.asarray(image)) for image in nano(prompt, num_images_per_prompt=3, seed=0, progress=False)]
+    assert sum(f["position"] == "centre" for f in found) >= 2, (prompt, found)
+
+
+def test_nano_samples_at_its_own_compression(nano, tmp_path):
+    assert nano.compression == json.loads((NANO_DIR / "model.json").read_text())["compression"] == 16
+    picture = torch.rand(3, 64, 64)
+    assert nano.encode(picture).shape == (1, 16, 4, 4)  # 16 px per cell: a latent that holds the shape
+    assert nano.encode(picture, compression=8).shape == (1, 16, 8, 8)
+    image = nano("a red circle at the top left on a blue background", seed=0, prior_steps=2, progress=False)[0]
+    assert image.info["parameters"]["compression"] == 16
 
 
 def test_nano_reconstruction_and_img2img(nano):
-    picture = torch.from_numpy(np.array(draw("yellow", "circle", "centre", "blue", 64))).permute(2, 0, 1) / 255
-    latents = nano.encode(picture)
-    assert latents.shape == (1, 16, 2, 2)
-    back = nano.decode(latents, width=64, height=64, seed=0, output_type="pt", progress=False)
-    assert back.shape == (1, 3, 64, 64)
-    assert psnr(back, picture[None]) > 14
-    kept = nano.img2img(picture, "", strength=0.0, seed=0, output_type="pt", progress=False)
-    assert psnr(kept, picture[None]) > 14
+    """Held-out pictures come back from their 4x4 latents without a prompt, and img2img at strength 0 returns them;
+    at 0.5, asked for another colour, the shape stays where it was on its background."""
+    cases = held_out_cases(8)
+    pictures = torch.stack([torch.from_numpy(np.array(draw(*c, 64, jitter=1.0, rng=random.Random(j))))
+                            .permute(2, 0, 1) / 255 for j, c in enumerate(cases)])
+    back = nano.decode(nano.encode(list(pictures)), seed=0, output_type="pt", progress=False)
+    assert back.shape == (8, 3, 64, 64)
+    assert psnr(back, pictures) > 23.5  # measured 24.3 dB
+    assert sum(analyse(to_uint8(b))["shape"] == c[1] for b, c in zip(back, cases)) >= 4  # measured 5 of 8
+    kept = torch.cat([nano.img2img(p, caption(*c), strength=0.0, seed=0, output_type="pt", progress=False)
+                      for p, c in zip(pictures, cases)])
+    assert psnr(kept, pictures) > 24.0  # measured 24.6 dB
+    layout = 0
+    for j, (picture, (colour, shape, position, background)) in enumerate(zip(pictures, cases)):
+        other = next(c for c in COLOURS if c not in (colour, background))
+        half = nano.img2img(picture, caption(other, shape, position, background), strength=0.5, seed=j,
+                            output_type="pt", progress=False)
+        found = analyse(to_uint8(half[0]))
+        layout += found["position"] == position and found["background"] == background
+    assert layout >= 7  # measured 8 of 8
 
 
 def test_nano_previews(nano):
     seen = []
     nano("a green square in the centre on a white background", seed=0, prior_steps=4, progress=False,
          preview_callback=lambda step, preview: seen.append((step, tuple(preview.shape))))
-    assert seen == [(i, (1, 3, 16, 16)) for i in range(4)]
+    assert seen == [(i, (1, 3, 32, 32)) for i in range(4)]  # the Previewer: 8x the 4x4 latent
 
 
 def test_nano_variation_says_it_has_no_image_encoder(nano):

@@ -63,16 +63,16 @@ def test_compression_sets_the_stage_c_latent_size(tmp_path, folder, monkeypatch)
     with pytest.raises(ConfigError, match="compression must be a number from 8 to 128"):
         _cfg(tmp_path, folder, compression=4)
     assert Trainer(_cfg(tmp_path, folder, compression=16))._encode_c(images).shape == (2, 16, 4, 4)
-    assert Trainer(_cfg(tmp_path, folder, compression=None))._encode_c(images).shape == (2, 16, 2, 2)  # as it is
+    assert Trainer(_cfg(tmp_path, folder, compression=None))._encode_c(images).shape == (2, 16, 4, 4)  # nano's 16
     bundle = tmp_path / "nano"
     shutil.copytree(loading.NANO_DIR, bundle)
     manifest = json.loads((bundle / "model.json").read_text())
-    (bundle / "model.json").write_text(json.dumps({**manifest, "compression": 16}))
+    (bundle / "model.json").write_text(json.dumps({**manifest, "compression": 32}))
     monkeypatch.setattr(loading, "NANO_DIR", bundle)
     trainer = Trainer(_cfg(tmp_path, folder, compression=None))
-    assert trainer._encode_c(images).shape == (2, 16, 4, 4)
-    assert trainer.sample_c(["a"], 64, torch.Generator().manual_seed(0), steps=1).shape[-2:] == (4, 4)
-    assert loading.load_pipeline("nano", "nano").compression == 16  # and the pipeline samples at it
+    assert trainer._encode_c(images).shape == (2, 16, 2, 2)
+    assert trainer.sample_c(["a"], 64, torch.Generator().manual_seed(0), steps=1).shape[-2:] == (2, 2)
+    assert loading.load_pipeline("nano", "nano").compression == 32  # and the pipeline samples at it
 
 
 def test_target_defaults_to_what_the_model_records(tmp_path, folder, caplog):
