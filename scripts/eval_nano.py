@@ -13,10 +13,11 @@ with a prompt naming another colour must keep its position and background.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
                                 [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
-                                [--decoder-steps N] [--decoder-guidance G]
+                                [--decoder-steps N] [--decoder-guidance G] [--decoder FILE]
 
 A consistency LoRA (`--lora`, e.g. the shipped nano_lcm_c.safetensors) switches Stage C to its sampler, steps and
-guidance unless the options say otherwise.
+guidance unless the options say otherwise; so does a consistency Stage B (`--decoder`, a `train lcm` student of
+Stage B) for Stage B.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def main(argv=None):
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--decoder-guidance", type=float, help="Stage B guidance (default: the model's)")
     p.add_argument("--decoder-steps", type=int, help="Stage B steps (default: the pipeline's)")
+    p.add_argument("--decoder", type=Path, help="a Stage B file to use instead of the model's")
     p.add_argument("--lora", type=Path, help="a LoRA file to load (merged) before generating")
     p.add_argument("--sampler", default=None, help="the sampler (default: the pipeline's)")
     p.add_argument("--prior-steps", type=int, help="Stage C steps (default: the pipeline's)")
@@ -115,7 +117,12 @@ def main(argv=None):
     import stablecascade
     from stablecascade.images import psnr
 
-    pipe = stablecascade.load_pipeline(a.model, a.model, device="cpu", dtype=torch.float32)
+    from stablecascade.loading import NANO_DIR
+
+    folder = NANO_DIR if a.model == "nano" else Path(a.model)
+    decoder = a.model if a.decoder is None else {"stage_b": str(a.decoder),
+                                                 "stage_a": str(folder / "decoder" / "vqgan")}
+    pipe = stablecascade.load_pipeline(a.model, decoder, device="cpu", dtype=torch.float32)
     if a.lora:
         pipe.load_lora(a.lora)
     chosen = {k: v for k, v in (("sampling", a.sampler), ("prior_steps", a.prior_steps),
@@ -135,6 +142,7 @@ def main(argv=None):
     for i, (colour, shape, position, background) in enumerate(cases):
         prompt = caption(colour, shape, position, background)
         image = pipe(prompt, width=64, height=64, seed=a.seed + i, progress=False, **decoding, **chosen)[0]
+        used = image.info["parameters"]  # the settings the pipeline ran with (a consistency stage's, say)
         found = analyse(np.asarray(image.convert("RGB")))
         truth = {"colour": colour, "shape": shape, "position": position, "background": background}
         ok = {k: found[k] == truth[k] for k in truth}
@@ -161,8 +169,11 @@ def main(argv=None):
         kept.append(same)
         found = analyse(to_uint8(half[0]))
         layout.append(found["position"] == position and found["background"] == background)
-    figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name, **chosen,
-               "decoder_guidance": pipe.decoder_guidance, **decoding, "alignment": alignment,
+    figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name,
+               "decoder": a.decoder and a.decoder.name,
+               **{k: used[k] for k in ("sampling", "prior_steps", "prior_guidance", "decoder_steps",
+                                       "decoder_guidance")},
+               "decoder_sampling": used.get("decoder_sampling", used["sampling"]), "alignment": alignment,
                "pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
                "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
                "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),

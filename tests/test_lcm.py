@@ -142,6 +142,18 @@ def test_the_shipped_nano_lcm_lora_samples_stage_c_in_4_steps():
     assert [(e.step, e.total) for e in prior_events(pipe)] == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
+def test_the_shipped_nano_stage_b_student_samples_stage_b_in_2_steps():
+    import stablecascade
+    from stablecascade.loading import NANO_DIR
+
+    pipe = stablecascade.load_pipeline("nano", {"stage_b": str(NANO_DIR / "nano_lcm_b.safetensors"),
+                                                "stage_a": nano_stage_a()})
+    assert pipe.consistency == (None, sampling.Consistency("decoder", 2, 1.0))
+    events = []
+    pipe("a cat", seed=1, step_callback=events.append, progress=False, output_type="pt")
+    assert [(e.step, e.total) for e in events if e.stage == "decoder"] == [(1, 2), (2, 2)]
+
+
 def test_lcm_config_needs_a_target_network_and_a_fitting_grid():
     from stablecascade.train.config import ConfigError, from_dict
 
@@ -159,7 +171,7 @@ def test_a_full_weight_student_exports_a_stage_c_that_says_how_to_sample_it(tmp_
     from safetensors import safe_open
 
     from test_train import _cfg, _random_stage_c
-    from stablecascade import checkpoints
+    from stablecascade import checkpoints, loading
     from stablecascade.train import train
 
     stage_c = _random_stage_c(tmp_path / "c.safetensors")
@@ -168,9 +180,82 @@ def test_a_full_weight_student_exports_a_stage_c_that_says_how_to_sample_it(tmp_
     out = tmp_path / "run" / "final" / "stage_c.safetensors"
     with safe_open(str(out), "pt") as f:
         assert sampling.read_consistency(f.metadata(), str(out)) == sampling.Consistency("prior", 3, 1.0)
+    # loaded as the prior, it switches Stage C to lcm as a consistency LoRA does
+    assert loading._recorded_settings(out, loading.NANO_DIR / "decoder" / "decoder", {})["consistency"] == \
+        (sampling.Consistency("prior", 3, 1.0), None)
     teacher = checkpoints.load_official(stage_c)
     # the teacher stayed as loaded; the student moved away from it
     assert all(torch.equal(a, b.float()) for a, b in zip(teacher.state_dict().values(),
                                                          trainer.stage_c.state_dict().values()))
     assert not all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
                                                      checkpoints.load_official(out).state_dict().values()))
+
+
+def test_a_stage_b_student_is_sampled_with_lcm_when_its_file_is_the_decoder(tmp_path):
+    """`train lcm` with lcm_stage b distils the nano Stage B into a full-weight student; its file records the
+    teacher's prediction, shift and how to sample it, and a pipeline given it as the decoder samples Stage B with
+    "lcm" at those steps, unless the call names another sampler or its own steps."""
+    import stablecascade
+    from stablecascade.train import train
+    from stablecascade.train.config import from_dict
+
+    cfg = from_dict(dict(task="lcm", lcm_stage="b", lcm_student="full", output_dir=str(tmp_path / "run"),
+                         data=[str(shapes(tmp_path / "data", count=8))], image_size=64, batch_size=4, steps=2,
+                         lr=1e-4, warmup_steps=1, stage_b="nano", stage_a="nano", effnet="nano", text_encoder="nano",
+                         ema_beta=0.9, lcm_steps=3, lcm_sample_guidance=1.5, caption_dropout=0.0, num_workers=0,
+                         save_every=100, resume="never")).validate()
+    trainer = train(cfg)
+    assert trainer.sampling_shift() == 4.0 and trainer.target == "v"  # the nano Stage B's (model.json)
+    out = tmp_path / "run" / "final" / "stage_b.safetensors"
+    assert sampling.read_model_metadata(out) == {"prediction": "v", "shift": 4.0,
+                                                 "consistency": sampling.Consistency("decoder", 3, 1.5)}
+    pipe = stablecascade.load_pipeline("nano", {"stage_b": str(out), "stage_a": nano_stage_a()})
+    assert pipe.consistency == (None, sampling.Consistency("decoder", 3, 1.5))
+
+    def decoder_steps(**kw):
+        events = []
+        image = pipe("a red circle at the top left on a blue background", seed=0, prior_steps=2, progress=False,
+                     width=64, height=64, step_callback=events.append, **kw)[0]
+        return [(e.step, e.total) for e in events if e.stage == "decoder"], image.info["parameters"]
+
+    steps, parameters = decoder_steps()
+    assert steps == [(1, 3), (2, 3), (3, 3)]
+    assert parameters["decoder_sampling"] == "lcm" and parameters["decoder_guidance"] == 1.5
+    assert "Decoder steps: 3, Decoder CFG: 1.5, Decoder sampler: LCM" in infotext(parameters)
+    assert parameters["sampling"] == "official"  # Stage C as it was
+    assert decoder_steps(decoder_steps=2)[0] == [(1, 2), (2, 2)]  # the call's own steps, still lcm
+    steps, parameters = decoder_steps(sampling="ddim")
+    assert len(steps) == 10 and "decoder_sampling" not in parameters  # another sampler: both stages use it
+
+
+def nano_stage_a():
+    from stablecascade.loading import NANO_DIR
+
+    return str(NANO_DIR / "decoder" / "vqgan")
+
+
+def test_a_consistency_stage_given_as_the_other_stage_is_refused(tmp_path):
+    import stablecascade
+    from stablecascade import checkpoints
+    from stablecascade.loading import NANO_DIR
+
+    stage_b = checkpoints.load_component(str(NANO_DIR / "decoder" / "decoder"), "stage_b")
+    path = tmp_path / "stage_b.safetensors"
+    checkpoints.save_official(stage_b, path, {**sampling.model_metadata("v", 4.0),
+                                              **sampling.consistency_metadata("prior", 4, 1.0, 4.0)})
+    with pytest.raises(CheckpointError, match=r"consistency-distilled Stage C \(prior\), but was given as the Stage B"):
+        stablecascade.load_pipeline("nano", {"stage_b": str(path), "stage_a": nano_stage_a()})
+
+
+def test_a_stage_b_student_is_full_weights_and_needs_pixels():
+    from stablecascade.train.config import ConfigError, from_dict
+
+    base = dict(task="lcm", lcm_stage="b", lcm_student="full", stage_b="nano", stage_a="nano", data=["x"],
+                ema_beta=0.9)
+    from_dict(base).validate()
+    with pytest.raises(ConfigError, match="full copy of Stage B"):
+        from_dict({**base, "lcm_student": "lora"}).validate()
+    with pytest.raises(ConfigError, match="cache_latents works for Stage C tasks"):
+        from_dict({**base, "cache_latents": True}).validate()
+    with pytest.raises(ConfigError, match="lcm_stage: 'a' is not one of c, b"):
+        from_dict({**base, "lcm_stage": "a"}).validate()

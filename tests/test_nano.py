@@ -28,7 +28,7 @@ def nano():
 def test_weights_are_small_safetensors_files():
     files = [p for p in NANO_DIR.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix == ".safetensors"]
-    assert len(weights) == 7  # Stage C, Stage B, Stage A, text encoder, image encoder, Previewer, LCM LoRA
+    assert len(weights) == 8  # Stage C, Stage B, Stage A, text encoder, image encoder, Previewer, LCM LoRA, LCM Stage B
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt", ".pth")]
     assert sum(p.stat().st_size for p in files) < 30 * 2**20
     assert json.loads((NANO_DIR / "model.json").read_text())["native_size"] == 64

@@ -81,14 +81,15 @@ def test_target_defaults_to_what_the_model_records(tmp_path, folder, caplog):
     import json
 
     from stablecascade.loading import NANO_DIR
-    from stablecascade.train.trainer import recorded_prediction
+    from stablecascade.train.trainer import recorded_settings
 
-    nano = json.loads((NANO_DIR / "model.json").read_text()).get("predictions", ["eps", "eps"])
-    assert [recorded_prediction("nano", k) for k in ("stage_c", "stage_b")] == nano
-    assert recorded_prediction("new:tiny", "stage_c") is None
+    manifest = json.loads((NANO_DIR / "model.json").read_text())
+    assert [recorded_settings("nano", k) for k in ("stage_c", "stage_b")] == \
+        [{"prediction": p, "shift": s} for p, s in zip(manifest["predictions"], manifest["shifts"])]
+    assert recorded_settings("new:tiny", "stage_c") == {}
     Trainer(_cfg(tmp_path, folder, target="v", steps=1)).fit(progress=False)
     path = str(tmp_path / "run" / "final" / "stage_c.safetensors")
-    assert recorded_prediction(path, "stage_c") == "v"
+    assert recorded_settings(path, "stage_c") == {"prediction": "v", "shift": 2.0}
     assert Trainer(_cfg(tmp_path / "default", folder, stage_c=path, target=None)).target == "v"
     with caplog.at_level("WARNING", logger="stablecascade.train"):
         assert Trainer(_cfg(tmp_path / "eps", folder, stage_c=path, target="eps")).target == "eps"
@@ -173,12 +174,14 @@ def test_training_lowers_the_loss(tmp_path, folder, task, extra):
     assert list((tmp_path / "run" / "samples").glob("*.png"))
 
 
-@pytest.mark.parametrize("task", ["c", "lcm"])
+@pytest.mark.parametrize("task", ["c", "lcm", "lcm of stage b"])
 def test_resume_is_exact(tmp_path, folder, task):
-    kw = dict(task=task, steps=4, ema_beta=0.9, grad_accum_steps=2, save_every=2, model_dropout=0.1, warmup_steps=3,
-              multi_aspect=["1/1", "2/1"], bucket_random_ratio=0.5)
+    kw = dict(task=task.split()[0], steps=4, ema_beta=0.9, grad_accum_steps=2, save_every=2, model_dropout=0.1,
+              warmup_steps=3, multi_aspect=["1/1", "2/1"], bucket_random_ratio=0.5)
     if task == "lcm":  # a LoRA student on a Stage C whose output is not zero-initialised (its grads would be zero)
         kw.update(stage_c=str(_random_stage_c(tmp_path / "c.safetensors")), lcm_skip=250)
+    if task == "lcm of stage b":  # a full-weight student of Stage B, on square images (a 64x32 one is too small)
+        kw.update(lcm_stage="b", lcm_student="full", lcm_skip=250, multi_aspect=[])
     full = train(_cfg(tmp_path / "a", folder, **kw))
     _cfg_half = _cfg(tmp_path / "b", folder, **{**kw, "steps": 2})
     train(_cfg_half)

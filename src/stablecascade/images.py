@@ -28,10 +28,11 @@ def infotext(parameters: dict) -> str:
     """AUTOMATIC1111's "infotext" of the parameters: the prompt, a "Negative prompt:" line and one line of
     "Key: value" pairs, which A1111's PNG Info, image browsers and sd-parsers read from the `parameters` chunk.
     Stable Cascade's two stages map onto it as: Steps / CFG scale = Stage C (the prior), "Decoder steps" /
-    "Decoder CFG" = Stage B; Sampler is the sampler's A1111 name ("Euler a"); Model is the prior's name."""
+    "Decoder CFG" = Stage B ("Decoder sampler" when Stage B's differs); Sampler is the sampler's A1111 name
+    ("Euler a"); Model is the prior's name."""
     from .sampling import SAMPLERS
 
-    sampler = parameters.get("sampling")
+    sampler, decoder_sampler = parameters.get("sampling"), parameters.get("decoder_sampling")
     fields = {
         "Steps": parameters.get("prior_steps"),
         "Sampler": SAMPLERS[sampler].label if sampler in SAMPLERS else sampler,
@@ -42,6 +43,7 @@ def infotext(parameters: dict) -> str:
         "Denoising strength": parameters.get("strength"),
         "Decoder steps": parameters.get("decoder_steps"),
         "Decoder CFG": parameters.get("decoder_guidance"),
+        "Decoder sampler": SAMPLERS[decoder_sampler].label if decoder_sampler in SAMPLERS else decoder_sampler,
         "Compression": parameters.get("compression"),
         "ControlNet": parameters.get("controlnet"),
         "Control strength": parameters.get("control_strength"),

@@ -157,8 +157,12 @@ def load_pipeline(prior: Source = hub.PRIOR_REPO, decoder: Source = hub.DECODER_
                                  **model_defaults)
 
 
+STAGE_NAMES = {"prior": "Stage C (prior)", "decoder": "Stage B (decoder)"}
+
+
 def _recorded_settings(stage_c_path, stage_b_path, defaults: dict) -> dict:
-    """Prediction targets and shifts recorded in the stage files (by our trainer), over the bundle's/released."""
+    """Prediction targets, shifts and consistency records in the stage files (by our trainer), over the
+    bundle's/released."""
     recorded = [sampling_module.read_model_metadata(p) for p in (stage_c_path, stage_b_path)]
     if not any(recorded):
         return {}
@@ -167,7 +171,13 @@ def _recorded_settings(stage_c_path, stage_b_path, defaults: dict) -> dict:
     for i, found in enumerate(recorded):
         shifts[i] = found.get("shift", shifts[i])
         predictions[i] = found.get("prediction", predictions[i])
-    return dict(official_shifts=tuple(shifts), predictions=tuple(predictions), shifts_required=True)
+    consistency = tuple(found.get("consistency") for found in recorded)
+    for path, found, stage in zip((stage_c_path, stage_b_path), consistency, ("prior", "decoder")):
+        if found is not None and found.stage != stage:
+            raise CheckpointError(f"{path} is a consistency-distilled {STAGE_NAMES[found.stage]}, but was given as "
+                                  f"the {STAGE_NAMES[stage]}; give it as the {found.stage}")
+    return dict(official_shifts=tuple(shifts), predictions=tuple(predictions), shifts_required=True,
+                consistency=consistency)
 
 
 def _bundle(source: Source) -> Optional[Path]:

@@ -54,14 +54,14 @@ class _Run:
     decoder_guidance: float
     seeds: Optional[list]  # one per image, None when the caller gave generators
     generator: sampling_module.Generators  # CPU: one per image, or one for the whole batch
-    sampling: str  # Stage C's sampler: the call's, or "lcm" when a consistency LoRA switched it
+    sampling: str  # Stage C's sampler: the call's, or "lcm" when a consistency LoRA or Stage C switched it
     output_type: str
     progress: bool
     compression: float
     preview_callback: Optional[PreviewCallback]
     step_callback: Optional[StepCallback]
     tiled_decode: Optional[bool]
-    decoder_sampling: str = DEFAULTS.sampler  # Stage B's: the call's, except "lcm" (no Stage B is distilled)
+    decoder_sampling: str = DEFAULTS.sampler  # Stage B's: the call's ("lcm" only for a consistency Stage B)
 
     @property
     def batch(self) -> int:
@@ -75,7 +75,7 @@ class StableCascadePipeline:
                  native_size: int = 1024, official_shifts: tuple[float, float] = RELEASED_SHIFTS,
                  decoder_guidance: float = RELEASED_DECODER_GUIDANCE, predictions: tuple[str, str] = ("eps", "eps"),
                  shifts_required: bool = False, prompt_examples: Optional[Sequence[str]] = None,
-                 compression: float = COMPRESSION):
+                 compression: float = COMPRESSION, consistency: tuple = (None, None)):
         """`offload`: None keeps every part on `device`; "model" keeps Stage C, Stage B, Stage A and the text encoder
         in CPU memory and moves each to `device` only for its turn; "sequential" moves one block at a time (the
         least device memory, the slowest). The small optional parts stay on `device`. `native_size`: the side the
@@ -86,7 +86,9 @@ class StableCascadePipeline:
         (the released models) or "v"; `shifts_required`: the models were made for `official_shifts` (their files
         say so), so the unshifted "diffusers" sampler warns; `prompt_examples`: prompts the model draws well (None:
         the released models' kind of prompts); `compression`: the default image pixels per Stage C latent cell
-        (42.67 for the released models, as their notebooks; the model's own where it was trained at another)."""
+        (42.67 for the released models, as their notebooks; the model's own where it was trained at another);
+        `consistency`: the (Stage C, Stage B) `sampling.Consistency` records of consistency-distilled stage files
+        (None for others): such a stage samples with "lcm" at its recommended steps and guidance by default."""
         offload_module.check_mode(offload)
         self.stage_c, self.stage_b, self.stage_a, self.text_encoder = stage_c, stage_b, stage_a, text_encoder
         self.device, self.dtype, self.offload, self.native_size = torch.device(device), dtype, offload, native_size
@@ -97,6 +99,7 @@ class StableCascadePipeline:
             if prediction not in ("eps", "v"):
                 raise CheckpointError(f"unknown prediction target {prediction!r}; models predict 'eps' or 'v'")
         self.predictions, self.shifts_required, self._warned_shifts = tuple(predictions), shifts_required, False
+        self.consistency = tuple(consistency)
         for part in self._offloaded_parts():
             if offload == "model":
                 offload_module.move(part, "cpu")
@@ -562,12 +565,17 @@ class StableCascadePipeline:
                              "(one per prompt)")
         if sampling not in sampling_module.SAMPLERS:
             raise InputError(f"sampling must be one of {', '.join(sampling_module.SAMPLERS)}, got {sampling!r}")
+        # consistency sampling needs a consistency-distilled stage (a consistency LoRA on Stage C, or the stage file)
+        decoder_sampling, decoder_steps, decoder_guidance = sampling_module.consistency_plan(
+            self.consistency[1], sampling, decoder_steps, decoder_guidance, DEFAULTS.decoder_steps,
+            DEFAULTS.decoder_guidance)
+        if decoder_sampling == "lcm" and self.consistency[1] is None:
+            decoder_sampling = DEFAULTS.sampler
         if decoder_guidance is None:
-            decoder_guidance = self.default_decoder_guidance(sampling)
-        # consistency sampling needs a consistency-distilled stage: `train lcm` makes Stage C ones only
-        decoder_sampling = DEFAULTS.sampler if sampling == "lcm" else sampling
+            decoder_guidance = self.default_decoder_guidance(decoder_sampling)
         sampling, prior_steps, prior_guidance = sampling_module.consistency_plan(
-            self._loras and self._loras.consistency, sampling, prior_steps, prior_guidance)
+            (self._loras and self._loras.consistency) or self.consistency[0], sampling, prior_steps, prior_guidance,
+            DEFAULTS.prior_steps, DEFAULTS.prior_guidance)
         width = self.native_size if width is None else width
         height = self.native_size if height is None else height
         for name, v in (("width", width), ("height", height)):

@@ -101,7 +101,7 @@ def model_metadata(prediction: str, shift: float) -> dict:
 
 
 def read_model_metadata(path) -> dict:
-    """{"prediction", "shift"} as far as a safetensors file records them ({} for other files)."""
+    """{"prediction", "shift", "consistency"} as far as a safetensors file records them ({} for other files)."""
     from pathlib import Path
 
     from safetensors import safe_open
@@ -116,12 +116,15 @@ def read_model_metadata(path) -> dict:
         found["prediction"] = meta[PREDICTION_KEY]
     if SHIFT_KEY in meta:
         found["shift"] = float(meta[SHIFT_KEY])
+    consistency = read_consistency(meta, str(path))
+    if consistency is not None:
+        found["consistency"] = consistency
     return found
 
 
 # A consistency-distilled stage (`train lcm`) says so in its file's metadata, as JSON: {"kind": "lcm", "stage":
 # "prior"|"decoder", "steps": recommended steps, "guidance": the guidance to sample at, "teacher_guidance": the
-# guidance the teacher was distilled with}. A pipeline holding such a LoRA samples that stage with "lcm".
+# guidance the teacher was distilled with}. A pipeline holding such a LoRA or stage file samples that stage with "lcm".
 CONSISTENCY_KEY = "stablecascade.consistency"
 
 
@@ -154,15 +157,15 @@ def read_consistency(meta: dict, source: str) -> Optional[Consistency]:
     return found
 
 
-def consistency_plan(consistency: Optional[Consistency], sampler: str, steps: int, guidance: float
-                     ) -> tuple[str, int, float]:
-    """(sampler, steps, guidance) for Stage C: a consistency-distilled one (its LoRA loaded) samples with "lcm" at its
-    recommended steps and guidance, unless the call chose another sampler, or steps or guidance other than the
-    defaults."""
+def consistency_plan(consistency: Optional[Consistency], sampler: str, steps: int, guidance: Optional[float],
+                     default_steps: int, default_guidance: Optional[float]) -> tuple[str, int, Optional[float]]:
+    """(sampler, steps, guidance) for a stage: a consistency-distilled one (its LoRA loaded, or its file says so)
+    samples with "lcm" at its recommended steps and guidance, unless the call chose another sampler, or steps or
+    guidance other than the defaults."""
     if consistency is None or sampler not in (DEFAULTS.sampler, "lcm"):
         return sampler, steps, guidance
-    return ("lcm", consistency.steps if steps == DEFAULTS.prior_steps else steps,
-            consistency.guidance if guidance == DEFAULTS.prior_guidance else guidance)
+    return ("lcm", consistency.steps if steps == default_steps else steps,
+            consistency.guidance if guidance == default_guidance else guidance)
 
 
 # ------------------------------------------------------------------------------------------- guided denoiser

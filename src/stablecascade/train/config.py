@@ -119,8 +119,9 @@ class TrainConfig:
     # read without unpickling code) or a safetensors copy; default: that file if torchvision's cache holds it
     controlnet_backbone_weights: Optional[str] = None
 
-    # -- latent consistency distillation (task lcm): the frozen Stage C teaches a student (a LoRA on it, saved as
+    # -- latent consistency distillation (task lcm): the frozen stage teaches a student (a LoRA on Stage C, saved as
     # lora.safetensors, or a full copy) the consistency function; the target network is the EMA (ema_beta)
+    lcm_stage: str = "c"  # c (Stage C, from stage_c) | b (Stage B, from stage_b: a full-weight student)
     lcm_student: str = "lora"  # lora (lora_* keys apply) | full
     lcm_guidance: float = 4.0  # the teacher's classifier-free guidance, fixed for the run (the student samples at 1)
     lcm_timesteps: int = 1000  # the fine grid of t in [0, 1] ...
@@ -176,19 +177,20 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be at least 1, got {self.prefetch_batches}")
-        if self.cache_latents and self.task not in ("c", "lora", "lcm"):
-            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora, lcm); task {self.task!r} needs the pixels "
-                              "of every step")
+        if self.cache_latents and (self.task not in ("c", "lora", "lcm") or self.trains != "stage_c"):
+            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora, lcm of Stage C); task {self.task!r} "
+                              f"of {self.trains} needs the pixels of every step")
         if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
             raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
                               "or cache_latents: false")
-        if self.cache_text and self.task not in ("c", "lcm"):
-            raise ConfigError(f"cache_text works for tasks c and lcm (a frozen text encoder), not {self.task!r}: "
-                              "set cache_text: false")
+        if self.cache_text and (self.task not in ("c", "lcm") or self.trains != "stage_c"):
+            raise ConfigError(f"cache_text works for tasks c and lcm of Stage C (a frozen text encoder), not "
+                              f"{self.task!r} of {self.trains}: set cache_text: false")
         if self.target is not None:
             choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
         choice("controlnet_kind", TRAINABLE)
+        choice("lcm_stage", ("c", "b"))
         choice("lcm_student", ("lora", "full"))
         choice("lcm_loss", ("huber", "l2"))
         if self.task == "lcm":
@@ -240,6 +242,14 @@ class TrainConfig:
             raise ConfigError("lcm_steps must be >= 1, lcm_guidance and lcm_sample_guidance >= 0, lcm_huber_c > 0")
         if self.lcm_student == "lora" and (self.lora_text_layers or self.train_tokens):
             raise ConfigError("an lcm LoRA changes Stage C only: set lora_text_layers: null and train_tokens: []")
+        if self.lcm_stage == "b" and self.lcm_student != "full":
+            raise ConfigError("a Stage B consistency student is a full copy of Stage B (LoRAs apply to Stage C): set "
+                              "lcm_student: full")
+
+    @property
+    def trains(self) -> str:
+        """The stage the task trains or distils: "stage_b" for task b and lcm of Stage B, else "stage_c"."""
+        return "stage_b" if self.task == "b" or (self.task == "lcm" and self.lcm_stage == "b") else "stage_c"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

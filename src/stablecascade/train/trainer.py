@@ -48,8 +48,6 @@ from .text import clip_tokenizer, encode_text, small_text_model
 
 log = logging.getLogger("stablecascade.train")
 
-KIND = {"c": "stage_c", "b": "stage_b", "lora": "stage_c", "controlnet": "stage_c", "lcm": "stage_c"}
-
 
 # ---------------------------------------------------------------------------------------------- distributed
 class Dist:
@@ -157,14 +155,16 @@ def effnet_compression(cfg: TrainConfig) -> Optional[float]:
     return nano_manifest().get("compression")
 
 
-def recorded_prediction(spec: Optional[str], kind: str) -> Optional[str]:
-    """What a model to train on says it predicts ("eps" or "v"): the built-in nano's model.json, or our trainer's
-    metadata in a safetensors file; None when nothing says (a new model, the released files)."""
+def recorded_settings(spec: Optional[str], kind: str) -> dict:
+    """What a model to train on says of itself: {"prediction": "eps" or "v", "shift": the schedule shift it samples
+    at} as far as the built-in nano's model.json or our trainer's metadata in a safetensors file record them; {}
+    for a new model or the released files."""
     if spec == "nano":
-        return nano_manifest().get("predictions", ("eps", "eps"))[0 if kind == "stage_c" else 1]
+        manifest, i = nano_manifest(), 0 if kind == "stage_c" else 1
+        return {"prediction": manifest.get("predictions", ("eps", "eps"))[i], "shift": float(manifest["shifts"][i])}
     if spec and not spec.startswith("new:"):
-        return sampling.read_model_metadata(spec).get("prediction")
-    return None
+        return {k: v for k, v in sampling.read_model_metadata(spec).items() if k in ("prediction", "shift")}
+    return {}
 
 
 def build_or_load(spec: str, kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -525,8 +525,11 @@ class Trainer:
             build_or_load(cfg.stage_a, "stage_a", dtype["stage_a"]) if cfg.stage_a else None)
         self.effnet = parts.get("effnet") or load_effnet(cfg.effnet, load_dtype(cfg.frozen_dtype))
         self.compression = effnet_compression(cfg)
-        kind = "stage_b" if cfg.task == "b" else "stage_c"
-        recorded = recorded_prediction(getattr(cfg, kind), kind)
+        kind = cfg.trains
+        settings = recorded_settings(getattr(cfg, kind), kind)
+        recorded = settings.get("prediction")
+        # a consistency student samples on its teacher's schedule: the shift the teacher's file records, if any
+        self.teacher_shift = settings.get("shift") if task == "lcm" else None
         if cfg.target and recorded and cfg.target != recorded:
             log.warning("%s predicts %s (its file says so) but target is %s: training changes what it predicts",
                         kind, recorded, cfg.target)
@@ -544,13 +547,15 @@ class Trainer:
             self.image_encoder = load_image_encoder(cfg.image_encoder)
         needs = {"c": ("stage_c", "effnet", "text_model"), "b": ("stage_b", "stage_a", "effnet", "text_model"),
                  "lora": ("stage_c", "effnet", "text_model"), "controlnet": ("stage_c", "effnet", "text_model"),
-                 "lcm": ("stage_c", "effnet", "text_model")}[task]
+                 "lcm": ("stage_c", "effnet", "text_model") if cfg.lcm_stage == "c" else
+                 ("stage_b", "stage_a", "effnet", "text_model")}[task]
         for name in needs:
             if getattr(self, name) is None:
                 raise ValueError(f"training task {task!r} needs {name.replace('text_model', 'text_encoder')} "
                                  "(set it in the config)")
         # a full-weight consistency student starts as a float32 copy of the teacher, before the teacher is frozen
-        student = copy.deepcopy(self.stage_c).float() if task == "lcm" and cfg.lcm_student == "full" else None
+        student = copy.deepcopy(getattr(self, cfg.trains)).float() if task == "lcm" and cfg.lcm_student == "full" \
+            else None
         for name in ("stage_c", "stage_b", "stage_a", "effnet", "previewer", "text_model"):
             m = getattr(self, name)
             if m is not None:
@@ -727,7 +732,8 @@ class Trainer:
         else:
             lam = training_logsnr(n, g, cfg.noise_shift)[sl].to(self.device)
         with torch.no_grad(), self.autocast:
-            if task == "b":
+            if cfg.trains == "stage_b":
+                distil = task == "lcm"  # the teacher sees the whole effnet latent, and its unconditional half
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
                 latents = self.stage_a.encode(images)
@@ -737,10 +743,15 @@ class Trainer:
                     h, w = images.shape[-2:]
                     size = (max(32, int(h * f) // 32 * 32), max(32, int(w * f) // 32 * 32))
                     effnet = self.effnet(F.interpolate(images, size, mode="nearest"))
-                effnet = effnet * keep_effnet.view(-1, 1, 1, 1).to(self.device)
+                if not distil:
+                    effnet = effnet * keep_effnet.view(-1, 1, 1, 1).to(self.device)
                 _, pooled = self._text(captions)
                 cond = dict(effnet=effnet, clip=pooled)
-                eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise).to(self.device)
+                if distil:
+                    _, neg_pooled = self._text([""] * len(captions))
+                    uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
+                # sampling starts from white noise, so distillation diffuses with it
+                eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise and not distil).to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
                 latents = self._encode_c(images) if cached_latents is None else cached_latents.to(self.device)
@@ -808,7 +819,7 @@ class Trainer:
         teacher reaches from the same point in one guided DDIM step (its ODE solver in GDF terms)."""
         cfg, (t, t_earlier), (lam, lam_earlier) = self.cfg, ts, lams
         with torch.no_grad():
-            teacher = self._guided(self.stage_c, cond, uncond, cfg.lcm_guidance)
+            teacher = self._guided(getattr(self, cfg.trains), cond, uncond, cfg.lcm_guidance)
             with self._teacher():
                 x0, eps = diffusion.undiffuse(noised, lam, teacher(noised, diffusion.noise_cond(lam)), self.target)
             earlier = diffusion.diffuse(x0, eps, lam_earlier)
@@ -825,10 +836,11 @@ class Trainer:
         return (raw * self._weights(lam)).mean(), raw.detach(), lam
 
     def consistency_metadata(self) -> dict:
-        """What an exported consistency student records: Stage C, sampled at `lcm_steps` and `lcm_sample_guidance`
+        """What an exported consistency student records: its stage, sampled at `lcm_steps` and `lcm_sample_guidance`
         (1: none, the teacher's guidance being distilled into it)."""
         cfg = self.cfg
-        return sampling.consistency_metadata("prior", cfg.lcm_steps, cfg.lcm_sample_guidance, cfg.lcm_guidance)
+        stage = "prior" if cfg.trains == "stage_c" else "decoder"
+        return sampling.consistency_metadata(stage, cfg.lcm_steps, cfg.lcm_sample_guidance, cfg.lcm_guidance)
 
     def _control(self, images):
         from .. import controlnet_filters as cf
@@ -1171,7 +1183,7 @@ class Trainer:
                 self.trained.save(final / "lora_ema.safetensors", self.ema,
                                   metadata={**meta, "ema_beta": self.cfg.ema_beta})
             return self.trained.save(final / "lora.safetensors", metadata=meta)
-        name = {"c": "stage_c", "b": "stage_b", "controlnet": "controlnet", "lcm": "stage_c"}[task]
+        name = "controlnet" if task == "controlnet" else self.cfg.trains
         recorded = {**sampling.model_metadata(self.target, self.sampling_shift()), **extra} \
             if task != "controlnet" else None
         for state, file in ((model_state, f"{name}.safetensors"), (ema_state, f"{name}_ema.safetensors")):
@@ -1192,8 +1204,8 @@ class Trainer:
     @torch.no_grad()
     def sample(self) -> Optional[Path]:
         """A preview grid under samples/: Stage C/LoRA/ControlNet samples for `sample_prompts` (decoded by the
-        Previewer, or by Stage B + Stage A when given, else the first three latent channels); Stage B:
-        originals above reconstructions of the last batch."""
+        Previewer, or by Stage B + Stage A when given, else the first three latent channels); Stage B (trained or
+        distilled): originals above reconstructions of the last batch."""
         if self.dist.enabled and not self.dist.main and not self.cfg.use_fsdp:
             return None
         cfg, dev = self.cfg, self.device
@@ -1203,7 +1215,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed + 1)
         size = cfg.sample_size or cfg.image_size
         try:
-            if cfg.task == "b":
+            if cfg.trains == "stage_b":
                 batch = data_mod.Batch(self.sampler._order()[: min(4, len(self.source))], (size, size),
                                        torch.full((4, 2), 0.5))
                 images, captions = data_mod.load_batch(self.source, batch, slice(None), {})
@@ -1224,10 +1236,12 @@ class Trainer:
         return path
 
     def sampling_shift(self) -> float:
-        """The schedule shift the trained model samples at (previews, and what `export` records): the released
-        models' inference shift for its stage times the training shift (released Stage C: 2 x 1, Stage B: 1 x 1;
-        nano Stage B: 1 x 4)."""
-        return RELEASED_SHIFTS[1 if self.cfg.task == "b" else 0] * self.cfg.noise_shift
+        """The schedule shift the trained model samples at (previews, and what `export` records): a consistency
+        student's teacher's, where its file records one; else the released models' inference shift for its stage
+        times the training shift (released Stage C: 2 x 1, Stage B: 1 x 1; nano Stage B: 1 x 4)."""
+        if self.teacher_shift is not None:
+            return self.teacher_shift
+        return RELEASED_SHIFTS[1 if self.cfg.trains == "stage_b" else 0] * self.cfg.noise_shift
 
     def _guided(self, model, cond, uncond, scale):
         return sampling.GuidedDenoiser(model, cond, uncond, scale, sampling.get("official").rho, precompute=False,
@@ -1264,14 +1278,19 @@ class Trainer:
             return self.previewer(latents).float().clamp(0, 1).cpu()
         if self.stage_b is not None and self.stage_a is not None:
             h, w = (round8(side * (self.compression or EFFNET_FACTOR)) for side in latents.shape[-2:])
-            return self._stage_b_images(self.stage_b, latents, prompts, gen, h, w, RELEASED_SHIFTS[1], "eps")
+            return self._stage_b_images(self.stage_b, latents, prompts, gen, h, w, RELEASED_SHIFTS[1], "eps",
+                                        "official", DEFAULTS.decoder_steps, RELEASED_DECODER_GUIDANCE)
         lat = latents[:, :3].float()
         lo, hi = lat.amin(dim=(1, 2, 3), keepdim=True), lat.amax(dim=(1, 2, 3), keepdim=True)
         return ((lat - lo) / (hi - lo + 1e-6)).cpu()
 
     def reconstruct(self, images, captions, gen):
+        """Images through the effnet and back through the trained Stage B and Stage A: a consistency student with
+        "lcm" at its recommended steps and guidance, else as the official code samples."""
+        plan = ("lcm", self.cfg.lcm_steps, self.cfg.lcm_sample_guidance) if self.cfg.task == "lcm" else \
+            ("official", DEFAULTS.decoder_steps, RELEASED_DECODER_GUIDANCE)
         return self._stage_b_images(self.trained, self._encode_c(images), captions, gen, *images.shape[-2:],
-                                    self.sampling_shift(), self.target)
+                                    self.sampling_shift(), self.target, *plan)
 
     def _encode_c(self, images, scale: float = 1.0):
         """Stage C latents of images: the effnet sees them resized to ceil(side * scale / compression) * 32 px, as
@@ -1282,16 +1301,15 @@ class Trainer:
             images = resize(images, hc * EFFNET_FACTOR, wc * EFFNET_FACTOR)
         return self.effnet(images)
 
-    def _stage_b_images(self, stage_b, effnet, prompts, gen, height, width, shift, target):
-        """Stage B sampling with the official sampler and settings (guidance 1.1, 10 steps) and Stage A decoding
-        -> images in [0, 1]."""
+    def _stage_b_images(self, stage_b, effnet, prompts, gen, height, width, shift, target, sampler, steps, guidance):
+        """Stage B sampling and Stage A decoding -> images in [0, 1]."""
         _, pooled = self._text(prompts)
         _, neg_pooled = self._text([""] * len(prompts))
         denoise = self._guided(stage_b, dict(effnet=effnet, clip=pooled),
-                               dict(effnet=torch.zeros_like(effnet), clip=neg_pooled), RELEASED_DECODER_GUIDANCE)
+                               dict(effnet=torch.zeros_like(effnet), clip=neg_pooled), guidance)
         _, (hb, wb) = latent_sizes(height, width)
         x = sampling.randn((len(prompts), stage_b.config.c_out, hb, wb), gen, device=self.device)
-        latents = sampling.sample(denoise, x, DEFAULTS.decoder_steps, shift=shift, target=target, generator=gen)
+        latents = sampling.sample(denoise, x, steps, sampler=sampler, shift=shift, target=target, generator=gen)
         return self.stage_a.decode(latents).float().clamp(0, 1).cpu()
 
 
