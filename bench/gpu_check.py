@@ -7,7 +7,8 @@ text encoder of CLIP bigG's size.
 
 Checks, in order: bf16 text-to-image (time per stage, peak device memory), the same seed again (bitwise), a batch
 of 4 (image 0 against the single run), torch.compile, fp16 (Stage C rescaled for float16), model offload,
-sequential offload, and one LoRA training step on Stage C (bf16 frozen base, gradient checkpointing). Each line
+sequential offload, one LoRA training step on Stage C (bf16 frozen base, gradient checkpointing), and one step of
+latent consistency distillation as configs/lcm_c_3b.yaml runs it (a rank-64 LoRA on every layer). Each line
 says whether the images are finite; a failing check is reported and the others still run. Exit status 1 when any
 check failed. `--json FILE` writes the results for bench/RESULTS.md.
 """
@@ -178,7 +179,7 @@ def main() -> int:
 
         check("fp16", fp16)
 
-    def lora_step():
+    def train_step(task, **recipe):
         from PIL import Image
 
         from stablecascade import configs
@@ -193,9 +194,9 @@ def main() -> int:
         stage_c = random_model("stage_c", configs.STAGE_C["tiny" if args.tiny else "3b"], torch.bfloat16, device)
         parts = {"stage_c": stage_c, "effnet": EfficientNetEncoder().eval(),
                  "text": text_encoder(stage_c.config.c_clip_text, torch.bfloat16)}
-        cfg = from_dict(dict(task="lora", output_dir=str(work / "run"), data=[str(work / "data")], image_size=size,
+        cfg = from_dict(dict(task=task, output_dir=str(work / "run"), data=[str(work / "data")], image_size=size,
                              batch_size=1, steps=1, frozen_dtype="bf16", dtype="bf16", gradient_checkpointing=True,
-                             num_workers=0, caption_dropout=0.0, resume="never", device=device)).validate()
+                             num_workers=0, caption_dropout=0.0, resume="never", device=device, **recipe)).validate()
         trainer = Trainer(cfg, parts=parts)
         reset_peak(device)
         start = time.perf_counter()
@@ -204,7 +205,10 @@ def main() -> int:
         return {"step_s": time.perf_counter() - start, "loss": record["loss"],
                 "finite": bool(torch.isfinite(torch.tensor([record["loss"], record["grad_norm"]])).all())}
 
-    check("lora_train_step", lora_step)
+    check("lora_train_step", lambda: train_step("lora"))
+    # the distillation recipe's student, grid and target network (configs/lcm_c_3b.yaml), one step of batch 1
+    check("lcm_train_step", lambda: train_step("lcm", lcm_student="lora", lora_rank=64, lora_layers="all",
+                                               lcm_guidance=4.0, lcm_skip=50, ema_beta=0.95, loss_weight="constant"))
     failed = [r["check"] for r in results if not r["ok"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
     if args.json:

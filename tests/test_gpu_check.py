@@ -16,7 +16,7 @@ def test_gpu_check_runs_every_check_on_tiny_models(tmp_path):
     assert run.returncode == 0, run.stdout + run.stderr
     results = {r["check"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"bf16", "same_seed", "batch_of_4", "offload_model", "offload_sequential", "fp16",
-                            "lora_train_step"}
+                            "lora_train_step", "lcm_train_step"}
     assert all(r["ok"] for r in results.values())
     assert results["same_seed"]["total_s"] > 0 and results["batch_of_4"]["image0_max_diff"] < 0.05
-    assert "7 passed, 0 failed" in run.stdout
+    assert "8 passed, 0 failed" in run.stdout
