@@ -117,3 +117,24 @@ def test_nano_previews(nano):
 def test_nano_variation_says_it_has_no_image_encoder(nano):
     with pytest.raises(stablecascade.CheckpointError, match="image variation cannot run here: needs a CLIP image encoder"):
         nano.variation(Image.new("RGB", (64, 64), "red"), progress=False)
+
+
+def test_the_recipe_trains_every_part_and_writes_a_bundle_the_pipeline_loads(tmp_path):
+    """scripts/train_nano.py at 1/500 of its steps on 48 pictures: the encoder and Previewer, then Stage C beside
+    Stage A and Stage B, and the exported folder is a model bundle that samples at its own compression."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_nano.py"
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(script), "--work", str(tmp_path / "work"), "--out", str(out),
+                          "--scale", "0.002", "--count", "48"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["compression"] == 16 and manifest["predictions"] == ["v", "v"] and manifest["shifts"] == [2, 4]
+    record = json.loads((out / "training.json").read_text())
+    assert set(record["seconds"]) == {"encoder_s", "stage_c_s", "stage_a_s", "stage_b_s"}
+    assert (record["stage_c"]["steps"], record["stage_b"]["steps"]) == (14, 10)  # 7,000 and 5,000 scaled
+    pipe = stablecascade.load_pipeline(str(out), str(out))
+    assert pipe.compression == 16
+    image = pipe(manifest["examples"][0], seed=0, prior_steps=2, decoder_steps=2, progress=False, output_type="pt")
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
