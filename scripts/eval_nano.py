@@ -116,7 +116,6 @@ def main(argv=None):
 
     import stablecascade
     from stablecascade.images import psnr
-
     from stablecascade.loading import NANO_DIR
 
     folder = NANO_DIR if a.model == "nano" else Path(a.model)

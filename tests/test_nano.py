@@ -138,3 +138,19 @@ def test_the_recipe_trains_every_part_and_writes_a_bundle_the_pipeline_loads(tmp
     assert pipe.compression == 16
     image = pipe(manifest["examples"][0], seed=0, prior_steps=2, decoder_steps=2, progress=False, output_type="pt")
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_the_evaluation_reports_what_the_pipeline_ran(tmp_path):
+    """scripts/eval_nano.py on 2 prompts and 1 picture: the figures, and the settings as the pipeline used them (a
+    consistency Stage B's own steps and guidance, the sampler it switched to)."""
+    from eval_nano import main as evaluate
+
+    from stablecascade.loading import NANO_DIR
+
+    out = tmp_path / "figures.json"
+    evaluate(["--n", "2", "--pictures", "1", "--json", str(out), "--decoder", str(NANO_DIR / "nano_lcm_b.safetensors")])
+    figures = json.loads(out.read_text())
+    assert (figures["decoder_sampling"], figures["decoder_steps"], figures["decoder_guidance"]) == ("lcm", 2, 1.0)
+    assert (figures["sampling"], figures["prior_steps"]) == ("official", 20) and figures["prompts"] == 2
+    assert set(figures["alignment"]) == {"colour", "shape", "position", "background", "all"}
+    assert all(0 <= v <= 1 for v in figures["alignment"].values()) and figures["psnr_stage_a"] > 20
