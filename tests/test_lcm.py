@@ -211,6 +211,8 @@ def test_a_stage_b_student_is_sampled_with_lcm_when_its_file_is_the_decoder(tmp_
                                                  "consistency": sampling.Consistency("decoder", 3, 1.5)}
     pipe = stablecascade.load_pipeline("nano", {"stage_b": str(out), "stage_a": nano_stage_a()})
     assert pipe.consistency == (None, sampling.Consistency("decoder", 3, 1.5))
+    # what the web UI and the A1111 API fill in when the user gives no Stage B guidance
+    assert pipe.default_decoder_guidance("official") == 1.5 and pipe.default_decoder_guidance("ddim") == 2.0
 
     def decoder_steps(**kw):
         events = []

@@ -253,7 +253,11 @@ class StableCascadePipeline:
         return 1.0, 1.0
 
     def default_decoder_guidance(self, sampler: str) -> float:
-        """The Stage B guidance `sampler` uses on this model when a call gives none (see `settings`)."""
+        """The Stage B guidance `sampler` uses on this model when a call gives none (see `settings`): a consistency
+        Stage B's own where it samples with "lcm" (what the web UI and the A1111 API fill in)."""
+        consistency = self.consistency[1]
+        if consistency is not None and sampler in (DEFAULTS.sampler, "lcm"):
+            return consistency.guidance
         return DEFAULTS.decoder_guidance_for(sampling_module.get(sampler), self.decoder_guidance)
 
     def _fail_nonfinite(self, name: str) -> None:
