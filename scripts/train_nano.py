@@ -167,18 +167,14 @@ def main(argv=None):
     times_file = a.work / "times.json"
     times = json.loads(times_file.read_text()) if times_file.is_file() else {}
 
-    def timed(name, run):
-        t0 = time.time()
-        result = run()
-        times[name] = round(time.time() - t0, 1)
-        times_file.write_text(json.dumps(times))
-        return result
-
     encoder_file, previewer_file = parts_dir / "nano_encoder.safetensors", parts_dir / "previewer.safetensors"
     if not encoder_file.is_file():
         from safetensors.torch import save_file
 
-        encoder, previewer, shapes = timed("encoder_s", lambda: train_encoder(data, int(1500 * a.scale), 32, 2e-3))
+        (encoder, previewer, shapes), took = _timed("encoder_s",
+                                                    lambda: train_encoder(data, int(1500 * a.scale), 32, 2e-3))
+        times.update(took)
+        times_file.write_text(json.dumps(times))
         (parts_dir / "encoder_check.json").write_text(json.dumps({"previewer_shape_agreement": shapes}))
         save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, str(encoder_file))
         checkpoints.save_official(previewer, previewer_file)
@@ -208,10 +204,11 @@ def main(argv=None):
     print("times", times)
 
 
-def _timed(name: str, run) -> dict:
+def _timed(name: str, run) -> tuple:
+    """(run's result, {name: its seconds})."""
     t0 = time.time()
-    run()
-    return {name: round(time.time() - t0, 1)}
+    result = run()
+    return result, {name: round(time.time() - t0, 1)}
 
 
 def _train_prior(cfg) -> dict:
@@ -219,7 +216,7 @@ def _train_prior(cfg) -> dict:
     from stablecascade.train import train
 
     torch.set_num_threads(1)
-    return {} if (Path(cfg.output_dir) / "final").is_dir() else _timed("stage_c_s", lambda: train(cfg))
+    return {} if (Path(cfg.output_dir) / "final").is_dir() else _timed("stage_c_s", lambda: train(cfg))[1]
 
 
 def _train_decoder(data: Path, stage_a_file: Path, cfg_b, scale: float) -> dict:
@@ -231,9 +228,9 @@ def _train_decoder(data: Path, stage_a_file: Path, cfg_b, scale: float) -> dict:
     times = {}
     if not stage_a_file.is_file():
         times = _timed("stage_a_s", lambda: checkpoints.save_official(
-            train_stage_a(data, int(2500 * scale), 32, 2e-3), stage_a_file))
+            train_stage_a(data, int(2500 * scale), 32, 2e-3), stage_a_file))[1]
     if not (Path(cfg_b.output_dir) / "final").is_dir():
-        times.update(_timed("stage_b_s", lambda: train(cfg_b)))
+        times.update(_timed("stage_b_s", lambda: train(cfg_b))[1])
     return times
 
 
