@@ -103,8 +103,8 @@ def _stage_c(c, nhead, blocks, **kw) -> StageCConfig:
 def _stage_b(c_hidden, nhead, blocks, block_repeat, **kw) -> StageBConfig:
     return StageBConfig(
         c_in=kw.pop("c_in", 4), c_out=kw.pop("c_out", 4), c_r=64, patch_size=2, c_cond=kw.pop("c_cond", 1280),
-        c_hidden=c_hidden, nhead=nhead,
-        blocks=blocks, block_repeat=block_repeat, level_config=("CT", "CT", "CTA", "CTA"), t_conds=("sca",),
+        c_hidden=c_hidden, nhead=nhead, blocks=blocks, block_repeat=block_repeat,
+        level_config=("CT", "CT", "CTA", "CTA"), t_conds=("sca",),
         dropout=kw.pop("dropout", (0.0, 0.0, 0.1, 0.1)), **kw,
     )
 
