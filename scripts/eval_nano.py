@@ -176,8 +176,8 @@ def main(argv=None):
     latents = pipe.encode(list(images))
     full = torch.cat([pipe.decode(latents[i:i + 16], width=64, height=64, seed=a.seed + i, output_type="pt",
                                   progress=False, **decoding) for i in range(0, len(latents), 16)])  # 16 a call at most
-    shapes_kept = np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(full, pictures)])
-    shapes_stage_a = np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(stage_a_only, pictures)])
+    shapes_kept, shapes_stage_a = (np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(out, pictures)])
+                                   for out in (full, stage_a_only))
     kept, layout = [], []
     for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
         same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=a.seed + j,
