@@ -190,6 +190,8 @@ def test_memory_options_are_checked():
     with pytest.raises(ConfigError, match="cache_text works for tasks c and lcm"):
         load_config(None, ["cache_text=true"], task="lora")
     with pytest.raises(ConfigError, match="cache_latents works for Stage C tasks"):
+        load_config(None, ["cache_latents=true"], task="controlnet")
+    with pytest.raises(ConfigError, match=r"cannot be resized at random .* set effnet_resize: \[1.0, 1.0\]"):
         load_config(None, ["cache_latents=true"], task="b")
 
 
@@ -305,6 +307,30 @@ def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder, text):
     again = _cfg(tmp_path / "again", folder, cache_latents=True, cache_text=True, cache_dir=str(cache_dir))
     trainer = Trainer(again, parts=_parts(text, effnet=_counting_effnet(effnet_calls)))
     trainer.text_cache.encode_fn = lambda prompts: pytest.fail(f"encoded {prompts} again")
+    trainer.train_step()
+    assert effnet_calls == [] and sorted(cache_dir.rglob("*.safetensors")) == shards
+
+
+def test_stage_b_caches_both_latents_and_trains_as_without(tmp_path, folder, text):
+    """Task b caches each image's Stage A latent and the Stage C latent it is conditioned on: the same loss as
+    encoding every batch, and a second run reads both from the cache without running either encoder."""
+    cache_dir = tmp_path / "cache"
+    stage_b = dict(stage_c=None, stage_b="new:tiny", stage_a="new:tiny", effnet_resize=[1.0, 1.0],
+                   bucket_random_ratio=0.0)
+    plain = Trainer(_cfg(tmp_path / "plain", folder, task="b", **stage_b), parts=_parts(text))
+    cached = Trainer(_cfg(tmp_path / "cached", folder, task="b", cache_latents=True, cache_dir=str(cache_dir),
+                          **stage_b), parts=_parts(text, stage_a=plain.stage_a))
+    for _ in range(2):
+        a, b = plain.train_step(), cached.train_step()
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    shards = sorted(cache_dir.rglob("*.safetensors"))
+    entry = cache_mod.DiskCache(shards[0].parent)
+    names = {key.rsplit(".", 1)[1] for key in entry.where}
+    assert names == {"latent", "effnet"} and len(entry.where) == 2 * 8
+    effnet_calls = []
+    again = _cfg(tmp_path / "again", folder, task="b", cache_latents=True, cache_dir=str(cache_dir), **stage_b)
+    trainer = Trainer(again, parts=_parts(text, stage_a=plain.stage_a, effnet=_counting_effnet(effnet_calls)))
+    trainer.stage_a.encode = lambda images: pytest.fail("Stage A encoded again")
     trainer.train_step()
     assert effnet_calls == [] and sorted(cache_dir.rglob("*.safetensors")) == shards
 

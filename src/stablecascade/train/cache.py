@@ -1,5 +1,5 @@
-"""On-disk caches of what the frozen encoders compute: EfficientNet latents keyed by image content and bucket
-size, text embeddings keyed by caption.
+"""On-disk caches of what the frozen encoders compute: an image's latents (EfficientNet's for Stage C; Stage A's and
+EfficientNet's for Stage B) keyed by image content and bucket size, text embeddings keyed by caption.
 
 A cache is a folder of safetensors shards named after a fingerprint of the encoder (its weights, dtype and the
 autocast it ran under), so runs and epochs that use the same encoder reuse it, and a different encoder never
@@ -83,11 +83,20 @@ def latent_key(content_key: str, size: tuple[int, int]) -> str:
     return f"{content_key}_{size[0]}x{size[1]}"
 
 
-def precompute_latents(source, sizes: Sequence[tuple[int, int]], encode: Callable[[torch.Tensor], torch.Tensor],
+def read_latents(cache: DiskCache, key: str, names: Sequence[str]) -> Optional[dict[str, torch.Tensor]]:
+    """The named latents cached for an image's key, or None when any is missing."""
+    if not all(f"{key}.{name}" in cache for name in names):
+        return None
+    return {name: cache.get(f"{key}.{name}") for name in names}
+
+
+def precompute_latents(source, sizes: Sequence[tuple[int, int]],
+                       encode: Callable[[torch.Tensor], dict[str, torch.Tensor]], names: Sequence[str],
                        cache: DiskCache, part: tuple[int, int] = (0, 1), batch_size: int = 8) -> list[Optional[str]]:
     """Encode every readable image of `source` (those of this process's `part` = (rank, world)) at the centre
-    crop of its nearest bucket, skipping entries already cached; returns each image's cache key (None where the
-    image cannot be read: the sampler skips those). An image that fails to decode gets no entry."""
+    crop of its nearest bucket into the latents `names` (`encode` returns a batch of each by name), skipping images
+    already cached; returns each image's cache key (None where the image cannot be read: the sampler skips those).
+    An image that fails to decode gets no entry."""
     from . import data as data_mod
 
     keys: list[Optional[str]] = []
@@ -104,7 +113,8 @@ def precompute_latents(source, sizes: Sequence[tuple[int, int]], encode: Callabl
         size = sizes[data_mod.nearest_bucket(sizes, width, height)]
         key = latent_key(content, size)
         keys.append(key)
-        if key not in cache and key not in planned and i % world == rank:
+        cached = all(f"{key}.{name}" in cache for name in names)
+        if not cached and key not in planned and i % world == rank:
             planned.add(key)
             todo.setdefault(size, []).append((key, i))
     centre = torch.tensor([0.5, 0.5])
@@ -119,8 +129,10 @@ def precompute_latents(source, sizes: Sequence[tuple[int, int]], encode: Callabl
                 except Exception as e:  # noqa: BLE001 - a file that passes the header check but fails to decode
                     log.warning("not caching corrupt image %s: %s", source.entries[i], e)
             if images:
-                for key, latent in zip(chunk, encode(torch.stack(images))):
-                    cache.put(key, latent)
+                encoded = encode(torch.stack(images))
+                for j, key in enumerate(chunk):
+                    for name in names:
+                        cache.put(f"{key}.{name}", encoded[name][j])
                 done += len(chunk)
     cache.flush()
     if done:

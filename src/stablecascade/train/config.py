@@ -56,7 +56,7 @@ class TrainConfig:
     tag_separator: str = ","
     num_workers: int = 2  # DataLoader worker processes decoding images (0 = in the training process)
     prefetch_batches: int = 2  # batches each worker prepares ahead
-    cache_latents: bool = False  # EfficientNet latents computed once and kept on disk (center crops, no jitter)
+    cache_latents: bool = False  # latents computed once and kept on disk (centre crops, no jitter); Stage C tasks and b
     cache_text: bool = False  # task c: text embeddings kept on disk, keyed by caption
     cache_dir: Optional[str] = None  # default: <output_dir>/cache; shareable between runs of the same encoders
 
@@ -177,9 +177,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.prefetch_batches < 1:
             raise ConfigError(f"prefetch_batches must be at least 1, got {self.prefetch_batches}")
-        if self.cache_latents and (self.task not in ("c", "lora", "lcm") or self.trains != "stage_c"):
-            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora, lcm of Stage C); task {self.task!r} "
-                              f"of {self.trains} needs the pixels of every step")
+        if self.cache_latents and not (self.task in ("c", "lora", "lcm") and self.trains == "stage_c"
+                                       or self.task == "b"):
+            raise ConfigError(f"cache_latents works for Stage C tasks (c, lora, lcm of Stage C) and task b; task "
+                              f"{self.task!r} of {self.trains} needs the pixels of every step")
         if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
             raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
                               "or cache_latents: false")
@@ -227,6 +228,10 @@ class TrainConfig:
         lo, hi = self.effnet_resize
         if not 0 < lo <= hi:
             raise ConfigError(f"effnet_resize must be [low, high] with 0 < low <= high, got {self.effnet_resize}")
+        if self.cache_latents and self.task == "b" and lo != hi:
+            raise ConfigError(f"cache_latents keeps one Stage C latent per image, so Stage B's conditioning cannot "
+                              f"be resized at random (effnet_resize {list(self.effnet_resize)}): set effnet_resize: "
+                              f"[{hi}, {hi}] or cache_latents: false")
         for entry in self.train_tokens:
             if not isinstance(entry, (list, tuple)) or len(entry) != 2:
                 raise ConfigError(f"train_tokens entries are [token, init_regex] pairs, got {entry!r}")

@@ -28,6 +28,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import cache as cache_mod
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -412,7 +414,7 @@ class Loaded:
     batch: Batch
     captions: list
     images: Optional[torch.Tensor] = None  # (b,3,h,w) in [0, 1], or None when `latents` come from the cache
-    latents: Optional[torch.Tensor] = None
+    latents: Optional[dict] = None  # name -> (b,c,h,w): the cached latents of each image
     corrupt: int = 0  # images of this part that failed to decode (replaced by others of the part)
     position: dict = field(default_factory=dict)  # the sampler's state right after this batch
 
@@ -421,9 +423,9 @@ class BatchReader(torch.utils.data.Dataset):
     """Reads a planned batch: pixels and captions, or cached latents (centre crops) and captions."""
 
     def __init__(self, source: ImageSource, part: slice, captions_rule: CaptionRule, latents=None,
-                 latent_keys: Optional[list] = None):
+                 latent_keys: Optional[list] = None, latent_names: tuple = ()):
         self.source, self.part, self.rule = source, part, captions_rule
-        self.latents, self.latent_keys = latents, latent_keys
+        self.latents, self.latent_keys, self.latent_names = latents, latent_keys, latent_names
 
     def __getitem__(self, planned) -> Loaded:
         batch, position = planned
@@ -435,17 +437,19 @@ class BatchReader(torch.utils.data.Dataset):
         for j in list(range(len(batch.indices)))[self.part]:
             i = batch.indices[j]
             key = self.latent_keys[i]
-            if key is None or key not in self.latents:
+            entry = None if key is None else cache_mod.read_latents(self.latents, key, self.latent_names)
+            if entry is None:
                 missing += 1  # failed to decode when the cache was built
                 continue
-            found.append(self.latents.get(key))  # the key names the image's (only) bucket: no jitter with a cache
+            found.append(entry)  # the key names the image's (only) bucket: no jitter with a cache
             captions.append(self.rule.apply(self.source.caption(i), batch.number, j))
         if not found:
             raise ValueError(f"no image of batch {batch.number} has a cached latent")
         for pos in range(missing):  # keep the batch size: repeat images of the same part
             found.append(found[pos % len(found)])
             captions.append(captions[pos % len(captions)])
-        return Loaded(batch, captions, latents=torch.stack(found), corrupt=missing, position=position)
+        latents = {name: torch.stack([entry[name] for entry in found]) for name in self.latent_names}
+        return Loaded(batch, captions, latents=latents, corrupt=missing, position=position)
 
 
 class _Plan:

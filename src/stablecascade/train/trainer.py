@@ -663,24 +663,35 @@ class Trainer:
         self.text_cache = None
         if cfg.cache_text:
             self.text_cache = cache_mod.TextCache(self._cache_folder("text", self.text_model), self._encode_text)
-        self.loader = data_mod.Loader(self.sampler, data_mod.BatchReader(source, self._rank_slice(), rule, latents, keys),
-                                      cfg.num_workers, cfg.prefetch_batches)
+        reader = data_mod.BatchReader(source, self._rank_slice(), rule, latents, keys, self._latent_names())
+        self.loader = data_mod.Loader(self.sampler, reader, cfg.num_workers, cfg.prefetch_batches)
 
     def _cache_folder(self, kind: str, model: nn.Module) -> "cache_mod.DiskCache":
         root = Path(self.cfg.cache_dir) if self.cfg.cache_dir else self.out / "cache"
         # the autocast the encoder runs under changes its outputs as much as its weights do
         how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}" + (
-            f":compression={self.compression}" if self.compression else "")
+            f":compression={self.compression}" if self.compression else "") + (
+            f":effnet_resize={self.cfg.effnet_resize[0]}" if self.cfg.trains == "stage_b" else "")
         return cache_mod.DiskCache(root / f"{kind}-{cache_mod.fingerprint(model, how)}")
+
+    def _latent_names(self) -> tuple:
+        """What a cached image holds: Stage C's latent (`latent`), or for Stage B its Stage A latent (`latent`) and
+        the Stage C latent it is conditioned on (`effnet`)."""
+        return ("latent", "effnet") if self.cfg.trains == "stage_b" else ("latent",)
 
     def _latent_cache(self, sizes):
         def encode(images):
+            images = images.to(self.device)
             with torch.no_grad(), self.autocast:
-                return self._encode_c(images.to(self.device)).float()
+                if self.cfg.trains == "stage_b":
+                    return {"latent": self.stage_a.encode(images).float(),
+                            "effnet": self._stage_b_effnet(images, self.cfg.effnet_resize[0]).float()}
+                return {"latent": self._encode_c(images).float()}
 
-        cache = self._cache_folder("latents", self.effnet)
-        keys = cache_mod.precompute_latents(self.source, sizes, encode, cache, (self.dist.rank, self.dist.world),
-                                            batch_size=self.micro)
+        encoders = nn.ModuleList([self.effnet, self.stage_a]) if self.cfg.trains == "stage_b" else self.effnet
+        cache = self._cache_folder("latents", encoders)
+        keys = cache_mod.precompute_latents(self.source, sizes, encode, self._latent_names(), cache,
+                                            (self.dist.rank, self.dist.world), batch_size=self.micro)
         self.dist.barrier()
         return (cache_mod.DiskCache(cache.folder) if self.dist.enabled else cache), keys
 
@@ -719,10 +730,10 @@ class Trainer:
             parts.append(eps)
         return torch.cat(parts)
 
-    def _loss(self, images: Optional[torch.Tensor], captions: list, cached_latents: Optional[torch.Tensor] = None
+    def _loss(self, images: Optional[torch.Tensor], captions: list, cached: Optional[dict] = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local)). Stage C tasks
-        take `cached_latents` instead of `images` when the latents come from the cache."""
+        """(weighted loss to backpropagate (local mean), raw per-sample losses (local), λ (local)). `cached` (the
+        latents by name, from the cache) replaces `images`."""
         cfg, task, sl, g, n = self.cfg, self.cfg.task, self._rank_slice(), self.gen, self.micro
         images = None if images is None else images.to(self.device)
         drop_text = (torch.rand(n, generator=g) < cfg.caption_dropout)[sl]
@@ -736,13 +747,10 @@ class Trainer:
                 distil = task == "lcm"  # the teacher sees the whole effnet latent, and its unconditional half
                 keep_effnet = (torch.rand(n, generator=g) >= cfg.effnet_dropout)[sl]
                 f = cfg.effnet_resize[0] + (cfg.effnet_resize[1] - cfg.effnet_resize[0]) * torch.rand((), generator=g).item()
-                latents = self.stage_a.encode(images)
-                if self.compression:
-                    effnet = self._encode_c(images, f)
+                if cached is None:
+                    latents, effnet = self.stage_a.encode(images), self._stage_b_effnet(images, f)
                 else:
-                    h, w = images.shape[-2:]
-                    size = (max(32, int(h * f) // 32 * 32), max(32, int(w * f) // 32 * 32))
-                    effnet = self.effnet(F.interpolate(images, size, mode="nearest"))
+                    latents, effnet = cached["latent"].to(self.device), cached["effnet"].to(self.device)
                 if not distil:
                     effnet = effnet * keep_effnet.view(-1, 1, 1, 1).to(self.device)
                 _, pooled = self._text(captions)
@@ -754,7 +762,7 @@ class Trainer:
                 eps = self._noise(latents.shape[1:], pyramid=cfg.pyramid_noise and not distil).to(self.device)
             else:
                 use_img = (torch.rand(n, generator=g) > 1 - cfg.image_embed_prob)[sl]
-                latents = self._encode_c(images) if cached_latents is None else cached_latents.to(self.device)
+                latents = self._encode_c(images) if cached is None else cached["latent"].to(self.device)
                 c_img = self.stage_c.config.c_clip_img
                 clip_img = torch.zeros(len(captions), 1, c_img, device=self.device)
                 if self.image_encoder is not None and use_img.any():
@@ -1291,6 +1299,15 @@ class Trainer:
             ("official", DEFAULTS.decoder_steps, RELEASED_DECODER_GUIDANCE)
         return self._stage_b_images(self.trained, self._encode_c(images), captions, gen, *images.shape[-2:],
                                     self.sampling_shift(), self.target, *plan)
+
+    def _stage_b_effnet(self, images, scale: float):
+        """The Stage C latent Stage B is conditioned on: the pipeline's encoding of the images scaled by `scale`
+        (without a nano `compression`: the effnet on them resized to a multiple of 32 px)."""
+        if self.compression:
+            return self._encode_c(images, scale)
+        h, w = images.shape[-2:]
+        size = (max(32, int(h * scale) // 32 * 32), max(32, int(w * scale) // 32 * 32))
+        return self.effnet(F.interpolate(images, size, mode="nearest"))
 
     def _encode_c(self, images, scale: float = 1.0):
         """Stage C latents of images: the effnet sees them resized to ceil(side * scale / compression) * 32 px, as
