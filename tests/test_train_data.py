@@ -312,25 +312,28 @@ def test_latent_and_text_caches_match_and_are_reused(tmp_path, folder, text):
 
 
 def test_stage_b_caches_both_latents_and_trains_as_without(tmp_path, folder, text):
-    """Task b caches each image's Stage A latent and the Stage C latent it is conditioned on: the same loss as
-    encoding every batch, and a second run reads both from the cache without running either encoder."""
+    """Task b caches each image's Stage A latent and the Stage C latent it is conditioned on, and the captions'
+    text embeddings: the same loss as encoding every batch, and a second run reads them all from the cache without
+    running an encoder."""
     cache_dir = tmp_path / "cache"
     stage_b = dict(stage_c=None, stage_b="new:tiny", stage_a="new:tiny", effnet_resize=[1.0, 1.0],
                    bucket_random_ratio=0.0)
     plain = Trainer(_cfg(tmp_path / "plain", folder, task="b", **stage_b), parts=_parts(text))
-    cached = Trainer(_cfg(tmp_path / "cached", folder, task="b", cache_latents=True, cache_dir=str(cache_dir),
-                          **stage_b), parts=_parts(text, stage_a=plain.stage_a))
+    cached = Trainer(_cfg(tmp_path / "cached", folder, task="b", cache_latents=True, cache_text=True,
+                          cache_dir=str(cache_dir), **stage_b), parts=_parts(text, stage_a=plain.stage_a))
     for _ in range(2):
         a, b = plain.train_step(), cached.train_step()
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    cached.text_cache.cache.flush()
     shards = sorted(cache_dir.rglob("*.safetensors"))
-    entry = cache_mod.DiskCache(shards[0].parent)
-    names = {key.rsplit(".", 1)[1] for key in entry.where}
-    assert names == {"latent", "effnet"} and len(entry.where) == 2 * 8
+    latents = cache_mod.DiskCache(next(p.parent for p in shards if p.parent.name.startswith("latents")))
+    assert {key.rsplit(".", 1)[1] for key in latents.where} == {"latent", "effnet"} and len(latents.where) == 2 * 8
     effnet_calls = []
-    again = _cfg(tmp_path / "again", folder, task="b", cache_latents=True, cache_dir=str(cache_dir), **stage_b)
+    again = _cfg(tmp_path / "again", folder, task="b", cache_latents=True, cache_text=True, cache_dir=str(cache_dir),
+                 **stage_b)
     trainer = Trainer(again, parts=_parts(text, stage_a=plain.stage_a, effnet=_counting_effnet(effnet_calls)))
     trainer.stage_a.encode = lambda images: pytest.fail("Stage A encoded again")
+    trainer.text_cache.encode_fn = lambda prompts: pytest.fail(f"encoded {prompts} again")
     trainer.train_step()
     assert effnet_calls == [] and sorted(cache_dir.rglob("*.safetensors")) == shards
 
@@ -358,6 +361,23 @@ def test_a_different_encoder_gets_its_own_cache(tmp_path):
     store.flush()
     assert torch.equal(cache_mod.DiskCache(tmp_path).get("k"), torch.arange(3.0))
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_the_cache_keeps_a_bounded_number_of_shards_open_and_pickles_without_them(tmp_path, monkeypatch):
+    import pickle
+
+    monkeypatch.setattr(cache_mod, "SHARD_ENTRIES", 1)
+    monkeypatch.setattr(cache_mod, "OPEN_SHARDS", 2)
+    store = cache_mod.DiskCache(tmp_path)
+    for i in range(4):
+        store.put(f"k{i}", torch.full((2,), float(i)))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4
+    for _ in range(2):
+        for i in range(4):
+            assert torch.equal(store.get(f"k{i}"), torch.full((2,), float(i)))
+            assert len(store.readers) <= 2
+    copy = pickle.loads(pickle.dumps(store))  # a DataLoader worker's copy opens its own readers
+    assert not copy.readers and torch.equal(copy.get("k3"), torch.full((2,), 3.0))
 
 
 # ------------------------------------------------------------------------------------------------- logging

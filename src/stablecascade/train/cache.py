@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,6 +22,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SHARD_ENTRIES = 256
+OPEN_SHARDS = 64
 
 
 def fingerprint(model: torch.nn.Module, *extra: str) -> str:
@@ -48,6 +50,10 @@ class DiskCache:
                 for key in f.keys():
                     self.where[key] = shard
         self.pending: dict[str, torch.Tensor] = {}
+        self.readers: OrderedDict = OrderedDict()  # (process, shard) -> open reader, least recently used first
+
+    def __getstate__(self):  # open readers stay with the process that opened them
+        return {**self.__dict__, "readers": OrderedDict()}
 
     def __contains__(self, key: str) -> bool:
         return key in self.where or key in self.pending
@@ -57,8 +63,14 @@ class DiskCache:
 
         if key in self.pending:
             return self.pending[key]
-        with safe_open(str(self.where[key]), "pt") as f:
-            return f.get_tensor(key)
+        # opening a shard costs ~1 ms, as much as a small model's step spends on a batch's reads: keep recent
+        # shards open, a bounded number of them (file handles)
+        opened = (os.getpid(), self.where[key])
+        reader = self.readers.pop(opened, None) or safe_open(str(opened[1]), "pt")
+        self.readers[opened] = reader
+        while len(self.readers) > OPEN_SHARDS:
+            self.readers.popitem(last=False)
+        return reader.get_tensor(key)
 
     def put(self, key: str, value: torch.Tensor) -> None:
         self.pending[key] = value.detach().float().cpu().contiguous()

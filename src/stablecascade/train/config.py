@@ -57,7 +57,7 @@ class TrainConfig:
     num_workers: int = 2  # DataLoader worker processes decoding images (0 = in the training process)
     prefetch_batches: int = 2  # batches each worker prepares ahead
     cache_latents: bool = False  # latents computed once and kept on disk (centre crops, no jitter); Stage C tasks and b
-    cache_text: bool = False  # task c: text embeddings kept on disk, keyed by caption
+    cache_text: bool = False  # tasks c, lcm of Stage C and b: text embeddings kept on disk, keyed by caption
     cache_dir: Optional[str] = None  # default: <output_dir>/cache; shareable between runs of the same encoders
 
     # -- optimisation
@@ -184,9 +184,9 @@ class TrainConfig:
         if self.cache_latents and self.image_encoder and self.image_embed_prob > 0:
             raise ConfigError("cache_latents keeps no pixels for the CLIP image encoder: set image_embed_prob: 0 "
                               "or cache_latents: false")
-        if self.cache_text and (self.task not in ("c", "lcm") or self.trains != "stage_c"):
-            raise ConfigError(f"cache_text works for tasks c and lcm of Stage C (a frozen text encoder), not "
-                              f"{self.task!r} of {self.trains}: set cache_text: false")
+        if self.cache_text and not (self.task in ("c", "lcm") and self.trains == "stage_c" or self.task == "b"):
+            raise ConfigError(f"cache_text works for tasks c and lcm of Stage C and task b (a frozen text encoder), "
+                              f"not {self.task!r} of {self.trains}: set cache_text: false")
         if self.target is not None:
             choice("target", ("eps", "v"))
         choice("loss_weight", ("adaptive", "p2", "constant"))
