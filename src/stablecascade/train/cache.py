@@ -95,9 +95,13 @@ def latent_key(content_key: str, size: tuple[int, int]) -> str:
     return f"{content_key}_{size[0]}x{size[1]}"
 
 
+def has_latents(cache: DiskCache, key: str, names: Sequence[str]) -> bool:
+    return all(f"{key}.{name}" in cache for name in names)
+
+
 def read_latents(cache: DiskCache, key: str, names: Sequence[str]) -> Optional[dict[str, torch.Tensor]]:
     """The named latents cached for an image's key, or None when any is missing."""
-    if not all(f"{key}.{name}" in cache for name in names):
+    if not has_latents(cache, key, names):
         return None
     return {name: cache.get(f"{key}.{name}") for name in names}
 
@@ -125,8 +129,7 @@ def precompute_latents(source, sizes: Sequence[tuple[int, int]],
         size = sizes[data_mod.nearest_bucket(sizes, width, height)]
         key = latent_key(content, size)
         keys.append(key)
-        cached = all(f"{key}.{name}" in cache for name in names)
-        if not cached and key not in planned and i % world == rank:
+        if not has_latents(cache, key, names) and key not in planned and i % world == rank:
             planned.add(key)
             todo.setdefault(size, []).append((key, i))
     centre = torch.tensor([0.5, 0.5])

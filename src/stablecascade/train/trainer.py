@@ -671,7 +671,7 @@ class Trainer:
         # the autocast the encoder runs under changes its outputs as much as its weights do
         how = f"dtype={self.cfg.dtype}:frozen={self.cfg.frozen_dtype}" + (
             f":compression={self.compression}" if self.compression else "") + (
-            f":effnet_resize={self.cfg.effnet_resize[0]}" if self.cfg.trains == "stage_b" else "")
+            f":effnet_resize={self.cfg.effnet_resize[0]}" if kind == "latents" and self.cfg.trains == "stage_b" else "")
         return cache_mod.DiskCache(root / f"{kind}-{cache_mod.fingerprint(model, how)}")
 
     def _latent_names(self) -> tuple:
