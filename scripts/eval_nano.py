@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="nano", help="the built-in model, or a folder written by train_nano.py")
     p.add_argument("--n", type=int, default=60, help="prompts to generate")
-    p.add_argument("--pictures", type=int, default=16, help="held-out pictures to reconstruct and vary")
+    p.add_argument("--pictures", type=int, default=16, help="held-out pictures to reconstruct and vary (0: none)")
     p.add_argument("--split", choices=("heldout", "train"), default="heldout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the figures here")
@@ -130,10 +131,7 @@ def main(argv=None):
     p.add_argument("--prior-steps", type=int, help="Stage C steps (default: the pipeline's)")
     p.add_argument("--prior-guidance", type=float, help="Stage C guidance (default: the pipeline's)")
     a = p.parse_args(argv)
-    import random
-
     import stablecascade
-    from stablecascade.images import psnr
     from stablecascade.loading import NANO_DIR
 
     folder = NANO_DIR if a.model == "nano" else Path(a.model)
@@ -168,39 +166,46 @@ def main(argv=None):
         hits["all"] += all(ok.values())
     alignment = {k: round(v / len(cases), 3) for k, v in hits.items()}
 
-    pictures = cases[:a.pictures]
-    images = torch.stack([torch.from_numpy(np.array(draw(*c, size=64, jitter=1.0, rng=random.Random(j))))
-                          .permute(2, 0, 1).float() / 255 for j, c in enumerate(pictures)])
-    with torch.no_grad():
-        stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
-    latents = pipe.encode(list(images))
-    full = torch.cat([pipe.decode(latents[i:i + 16], width=64, height=64, seed=a.seed + i, output_type="pt",
-                                  progress=False, **decoding) for i in range(0, len(latents), 16)])  # 16 a call at most
-    shapes_kept, shapes_stage_a = (np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(out, pictures)])
-                                   for out in (full, stage_a_only))
-    kept, layout = [], []
-    for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
-        same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=a.seed + j,
-                            **decoding, output_type="pt", progress=False)
-        other = next(c for c in NAMES[NAMES.index(colour) + 1:] + NAMES if c not in (colour, background))
-        half = pipe.img2img(picture, caption(other, shape, position, background), strength=0.5, seed=a.seed + j,
-                            **decoding, output_type="pt", progress=False, **chosen)
-        kept.append(same)
-        found = analyse(to_uint8(half[0]))
-        layout.append(found["position"] == position and found["background"] == background)
     figures = {"split": a.split, "prompts": len(cases), "lora": a.lora and a.lora.name,
                "decoder": a.decoder and a.decoder.name,
                **{k: used[k] for k in ("sampling", "prior_steps", "prior_guidance", "decoder_steps",
                                        "decoder_guidance")},
                "decoder_sampling": used.get("decoder_sampling", used["sampling"]), "alignment": alignment,
-               "pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
-               "stage_a_shape": round(shapes_stage_a, 3),
-               "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
-               "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),
-               "img2img_strength_half_keeps_layout": round(float(np.mean(layout)), 3)}
+               **(round_trips(pipe, cases[:a.pictures], a.seed, decoding, chosen) if a.pictures else {})}
     print(json.dumps(figures, indent=1))
     if a.json:
         a.json.write_text(json.dumps(figures, indent=1))
+
+
+def round_trips(pipe, pictures: list, seed: int, decoding: dict, chosen: dict) -> dict:
+    """Reconstruction (Stage A alone, and Stage B + Stage A from the Stage C latents) and image-to-image at
+    strength 0 and 0.5 of the given (colour, shape, position, background) pictures, drawn as in training."""
+    from stablecascade.images import psnr
+
+    images = torch.stack([torch.from_numpy(np.array(draw(*c, size=64, jitter=1.0, rng=random.Random(j))))
+                          .permute(2, 0, 1).float() / 255 for j, c in enumerate(pictures)])
+    with torch.no_grad():
+        stage_a_only = pipe.stage_a.decode(pipe.stage_a.encode(images)).clamp(0, 1)
+    latents = pipe.encode(list(images))
+    full = torch.cat([pipe.decode(latents[i:i + 16], width=64, height=64, seed=seed + i, output_type="pt",
+                                  progress=False, **decoding) for i in range(0, len(latents), 16)])  # 16 a call at most
+    shapes_kept, shapes_stage_a = (np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(out, pictures)])
+                                   for out in (full, stage_a_only))
+    kept, layout = [], []
+    for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
+        same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=seed + j,
+                            **decoding, output_type="pt", progress=False)
+        other = next(c for c in NAMES[NAMES.index(colour) + 1:] + NAMES if c not in (colour, background))
+        half = pipe.img2img(picture, caption(other, shape, position, background), strength=0.5, seed=seed + j,
+                            **decoding, output_type="pt", progress=False, **chosen)
+        kept.append(same)
+        found = analyse(to_uint8(half[0]))
+        layout.append(found["position"] == position and found["background"] == background)
+    return {"pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
+            "stage_a_shape": round(shapes_stage_a, 3),
+            "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
+            "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),
+            "img2img_strength_half_keeps_layout": round(float(np.mean(layout)), 3)}
 
 
 if __name__ == "__main__":

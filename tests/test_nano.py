@@ -158,3 +158,13 @@ def test_the_evaluation_reports_what_the_pipeline_ran(tmp_path):
     assert (figures["sampling"], figures["prior_steps"]) == ("official", 20) and figures["prompts"] == 2
     assert set(figures["alignment"]) == {"colour", "shape", "position", "background", "all"}
     assert all(0 <= v <= 1 for v in figures["alignment"].values()) and figures["psnr_stage_a"] > 20
+
+
+def test_the_evaluation_can_leave_out_the_pictures(tmp_path):
+    """--pictures 0 measures the prompts alone (what the 240-prompt and trained-combination rows need)."""
+    from eval_nano import main as evaluate
+
+    out = tmp_path / "figures.json"
+    evaluate(["--n", "1", "--pictures", "0", "--prior-steps", "2", "--decoder-steps", "2", "--json", str(out)])
+    figures = json.loads(out.read_text())
+    assert figures["prompts"] == 1 and "pictures" not in figures and "psnr_reconstruction" not in figures
