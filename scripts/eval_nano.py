@@ -9,7 +9,8 @@ It reads every drawn combination right, blurred by one or two pixels too (tests/
 held-out pictures are encoded to Stage C latents (the nano encoder) and decoded by Stage B + Stage A without a prompt
 (`pipe.encode` / `pipe.decode`), and compared with the originals (PSNR, and how often the detector reads the drawn
 shape back); Stage A alone is reported too. Image-to-image: strength 0 must return the picture (PSNR), strength 0.5
-with a prompt naming another colour must keep its position and background.
+with a prompt naming another colour must keep its position and background; how often it takes the asked colour and
+keeps the picture's shape is reported too.
 
     python scripts/eval_nano.py [--model nano|FOLDER] [--n 60] [--split heldout|train] [--json FILE]
                                 [--lora FILE] [--sampler NAME] [--prior-steps N] [--prior-guidance G]
@@ -191,7 +192,7 @@ def round_trips(pipe, pictures: list, seed: int, decoding: dict, chosen: dict) -
                                   progress=False, **decoding) for i in range(0, len(latents), 16)])  # 16 a call at most
     shapes_kept, shapes_stage_a = (np.mean([analyse(to_uint8(f))["shape"] == c[1] for f, c in zip(out, pictures)])
                                    for out in (full, stage_a_only))
-    kept, layout = [], []
+    kept, layout, recoloured, reshaped = [], [], [], []
     for j, (picture, (colour, shape, position, background)) in enumerate(zip(images, pictures)):
         same = pipe.img2img(picture, caption(colour, shape, position, background), strength=0.0, seed=seed + j,
                             **decoding, output_type="pt", progress=False)
@@ -201,11 +202,15 @@ def round_trips(pipe, pictures: list, seed: int, decoding: dict, chosen: dict) -
         kept.append(same)
         found = analyse(to_uint8(half[0]))
         layout.append(found["position"] == position and found["background"] == background)
+        recoloured.append(found["colour"] == other)
+        reshaped.append(found["shape"] == shape)
     return {"pictures": len(pictures), "psnr_stage_a": round(psnr(stage_a_only, images), 2),
             "stage_a_shape": round(shapes_stage_a, 3),
             "psnr_reconstruction": round(psnr(full, images), 2), "reconstruction_shape": round(shapes_kept, 3),
             "psnr_img2img_strength_0": round(psnr(torch.cat(kept), images), 2),
-            "img2img_strength_half_keeps_layout": round(float(np.mean(layout)), 3)}
+            "img2img_strength_half_keeps_layout": round(float(np.mean(layout)), 3),
+            "img2img_strength_half_takes_the_colour": round(float(np.mean(recoloured)), 3),
+            "img2img_strength_half_keeps_the_shape": round(float(np.mean(reshaped)), 3)}
 
 
 if __name__ == "__main__":

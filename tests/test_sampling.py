@@ -92,8 +92,9 @@ def test_step_events_of_img2img_count_its_steps(pipe):
 
     events = []
     pipe.img2img(Image.new("RGB", (64, 64), (200, 30, 30)), "a cat", strength=0.5, seed=0,
-                 step_callback=events.append, **{**FAST, "prior_steps": 4})
-    assert [(e.stage, e.step, e.total) for e in events if e.stage == "prior"] == [("prior", 1, 2), ("prior", 2, 2)]
+                 step_callback=events.append, **{**FAST, "prior_steps": 4, "decoder_steps": 5})
+    assert [(e.stage, e.step, e.total) for e in events] == [("prior", 1, 2), ("prior", 2, 2), ("decoder", 1, 2),
+                                                            ("decoder", 2, 2)]
 
 
 def test_cuda_without_a_gpu_is_one_clear_error(tiny, capsys):

@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(run=_variation)
 
     i = sub.add_parser("img2img", help="image-to-image", description="Redraw an image with a prompt: its Stage C "
-                       "latent is noised to --strength and denoised.")
+                       "and Stage A latents are noised to --strength and denoised.")
     i.add_argument("image", type=Path, help="input image")
     i.add_argument("prompt", help="what to draw")
     i.add_argument("--strength", type=float, default=0.8,

@@ -273,8 +273,8 @@ class StableCascadePipeline:
     def _prior(self, run: _Run, clip_img: Optional[torch.Tensor] = None, init: Optional[torch.Tensor] = None,
                strength: float = 1.0, cnet: Optional[list] = None):
         """Stage C latents (B,16,h,w) and the pooled text of both CFG halves. With `init` (clean latents), start
-        from it noised to `strength` (0 keeps it, 1 is pure noise) and run that fraction of the steps. `cnet` is a
-        ControlNet's output for one image, given to both CFG halves as in the official code."""
+        from it noised to `strength` (see `_sample_from`). `cnet` is a ControlNet's output for one image, given to
+        both CFG halves as in the official code."""
         shift, _ = self._shifts(run.sampling)
         (text, pooled), (neg_text, neg_pooled) = self._text(run)
         no_image = torch.zeros(run.batch, 1, self.stage_c.config.c_clip_img, device=self.device, dtype=self.dtype)
@@ -285,30 +285,37 @@ class StableCascadePipeline:
             cond["cnet"] = uncond["cnet"] = [None if c is None else c.expand(run.batch, -1, -1, -1) for c in cnet]
         (hc, wc), _ = latent_sizes(run.height, run.width, run.compression)
         shape = (run.batch, self.stage_c.config.c_out, hc, wc)
-
-        if init is not None and strength <= 0:  # nothing to denoise: the encoded image itself, no noise drawn
-            return init.to(self.device, torch.float32).expand(shape).clone(), pooled, neg_pooled
-        noise = self._noise(shape, run)
-        if init is None or strength >= 1:
-            x, steps = noise, run.prior_steps
-        else:  # noise and sample on the same shifted schedule (the official notebook noised at shift 1)
-            lam = diffusion.logsnr(torch.tensor(strength), shift).to(self.device)
-            x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
-            steps = max(1, int(run.prior_steps * strength))
-        latents = self._stage("prior", self.stage_c, cond, uncond, run.prior_guidance, x, steps, shift, run,
-                              t_start=min(strength, 1.0))
+        latents = self._sample_from("prior", self.stage_c, cond, uncond, run.prior_guidance, shape, run.prior_steps,
+                                    shift, run, init, strength)
         return latents, pooled, neg_pooled
 
-    def _decoder(self, run: _Run, latents_c, pooled, neg_pooled) -> torch.Tensor:
-        """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1]."""
+    def _sample_from(self, stage: str, model, cond: dict, uncond: dict, guidance: float, shape: tuple, steps: int,
+                     shift: float, run: _Run, init: Optional[torch.Tensor], strength: float) -> torch.Tensor:
+        """Sample one stage from noise or, with `init` (clean latents), from `init` noised to `strength` (0 keeps
+        it, 1 is pure noise) over that fraction of the steps. Noising and sampling use the same shifted schedule
+        (the official notebook noised at shift 1 but sampled at shift 2)."""
+        if init is not None and strength <= 0:  # nothing to denoise: the clean latents themselves, no noise drawn
+            return init.to(self.device, torch.float32).expand(shape).clone()
+        noise = self._noise(shape, run)
+        if init is None or strength >= 1:
+            return self._stage(stage, model, cond, uncond, guidance, noise, steps, shift, run)
+        lam = diffusion.logsnr(torch.tensor(strength), shift).to(self.device)
+        x = diffusion.diffuse(init.to(self.device, torch.float32).expand(shape), noise, lam)
+        return self._stage(stage, model, cond, uncond, guidance, x, max(1, int(steps * strength)), shift, run,
+                           t_start=strength)
+
+    def _decoder(self, run: _Run, latents_c, pooled, neg_pooled, init: Optional[torch.Tensor] = None,
+                 strength: float = 1.0) -> torch.Tensor:
+        """Stage B sampling conditioned on Stage C latents, then Stage A decoding -> images (B,3,H,W) in [0, 1].
+        With `init` (Stage A latents of an input image), Stage B starts from it noised to `strength`."""
         _, shift = self._shifts(run.decoder_sampling)
         effnet = latents_c.to(self.device, self.dtype)
         cond = dict(effnet=effnet, clip=pooled)
         uncond = dict(effnet=torch.zeros_like(effnet), clip=neg_pooled)
         _, (hb, wb) = latent_sizes(run.height, run.width, run.compression)
-        x = self._noise((run.batch, self.stage_b.config.c_out, hb, wb), run)
-        latents_b = self._stage("decoder", self.stage_b, cond, uncond, run.decoder_guidance, x, run.decoder_steps,
-                                shift, run)
+        shape = (run.batch, self.stage_b.config.c_out, hb, wb)
+        latents_b = self._sample_from("decoder", self.stage_b, cond, uncond, run.decoder_guidance, shape,
+                                      run.decoder_steps, shift, run, init, strength)
         tiled = run.tiled_decode if run.tiled_decode is not None else run.width * run.height > TILED_DECODE_AREA
         with self._running(self.stage_a):
             latents_b = latents_b.to(self.stage_a_dtype)
@@ -393,18 +400,31 @@ class StableCascadePipeline:
 
     @torch.inference_mode()
     def img2img(self, image: ImageInput, prompt: Union[str, Sequence[str]], strength: float = 0.8, **options):
-        """Image-to-image: encode `image` to a Stage C latent, noise it to `strength` (0 keeps it, 1 ignores it) and
-        denoise with the prompt over that fraction of the steps. The output size defaults to the input's, scaled
-        down to at most 1024x1024 pixels of area, in multiples of 8. `options` are those of text-to-image."""
+        """Image-to-image: both stages start from the image, noised to `strength` (0 keeps it, 1 ignores it), and
+        denoise with the prompt over that fraction of their steps: Stage C from the image's Stage C latent, Stage B
+        from its Stage A latent, so strength 0 returns Stage A's round trip of the image and low strengths keep its
+        fine detail. The output size defaults to the input's, scaled down to at most 1024x1024 pixels of area, in
+        multiples of 8. `options` are those of text-to-image."""
         if not isinstance(strength, (int, float)) or not 0 <= strength <= 1:
             raise InputError(f"strength must be between 0 and 1, got {strength!r}")
         pixels = load_image(image)[None]
         width, height = default_size(pixels.shape[-1], pixels.shape[-2])
         options = {"width": width, "height": height, **options}
         run = self._settings(prompt=prompt, **options)
-        init = self._encode(pixels, run.height, run.width, run.compression) if strength < 1 else None
-        return self._output(self._decoder(run, *self._prior(run, init=init, strength=strength)), run,
-                            "image-to-image", strength=strength)
+        init_c = init_b = None
+        if strength < 1:
+            init_c = self._encode(pixels, run.height, run.width, run.compression)
+            init_b = self._encode_stage_a(pixels, run.height, run.width)
+        prior = self._prior(run, init=init_c, strength=strength)
+        return self._output(self._decoder(run, *prior, init=init_b, strength=strength), run, "image-to-image",
+                            strength=strength)
+
+    def _encode_stage_a(self, pixels, height, width) -> torch.Tensor:
+        """Stage A latents (1,4,H/4,W/4) of an image resized to the output size: where Stage B starts from."""
+        _, (hb, wb) = latent_sizes(height, width)
+        with self._running(self.stage_a):
+            resized = resize(pixels.to(self.device), hb * STAGE_A_FACTOR, wb * STAGE_A_FACTOR).to(self.stage_a_dtype)
+            return self.stage_a.encode(resized).float()
 
     @torch.inference_mode()
     def encode(self, images: Union[ImageInput, Sequence[ImageInput]],
