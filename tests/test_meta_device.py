@@ -170,6 +170,8 @@ def test_offload_stays_on_the_device_and_leaves_the_weights_home(pipe, mode):
 
     def generate():
         off.load_lora(tokens, 1.0, new_tokens=new_tokens)  # swaps a new embedding module into the text encoder
+        image = Image.new("RGB", (64, 64), (200, 30, 30))  # img2img: Stage A's encoder visits too
+        assert off.img2img(image, "<zed>", strength=0.5, seed=7, **FAST).shape == (1, 3, 64, 64)
         return off(["a photo of [fernando]", "<zed>"], seed=7, **FAST)
 
     parts = (off.stage_c, off.stage_b, off.stage_a)
