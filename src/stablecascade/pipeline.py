@@ -420,7 +420,7 @@ class StableCascadePipeline:
                             strength=strength)
 
     def _encode_stage_a(self, pixels, height, width) -> torch.Tensor:
-        """Stage A latents (1,4,H/4,W/4) of an image resized to the output size: where Stage B starts from."""
+        """Stage A latents (1,C,H/4,W/4) of an image resized to the output size: where Stage B starts from."""
         _, (hb, wb) = latent_sizes(height, width)
         with self._running(self.stage_a):
             resized = resize(pixels.to(self.device), hb * STAGE_A_FACTOR, wb * STAGE_A_FACTOR).to(self.stage_a_dtype)
