@@ -162,7 +162,8 @@ def _fixed_batch_loss(trainer):
 
 @pytest.mark.parametrize("task,extra", [("c", {}), ("c", {"target": "v"}), ("b", {})])
 def test_training_lowers_the_loss(tmp_path, folder, task, extra):
-    cfg = _cfg(tmp_path, folder, task, steps=20, lr=3e-3, caption_dropout=0.0, loss_weight="constant", **extra)
+    # 30 steps: with the nano encoder of 2026-11-30 20 lowered Stage C's loss by 9 %, at the edge of the 10 % asked
+    cfg = _cfg(tmp_path, folder, task, steps=30, lr=3e-3, caption_dropout=0.0, loss_weight="constant", **extra)
     trainer = Trainer(cfg)
     before = _fixed_batch_loss(trainer)
     trainer.fit()
