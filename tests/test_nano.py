@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import stablecascade
+from stablecascade import checkpoints
 from stablecascade.cli import ENV_DECODER, ENV_PRIOR, main
 from stablecascade.images import psnr
 from stablecascade.loading import NANO_DIR
@@ -62,10 +63,10 @@ def test_nano_draws_what_the_prompt_asks_for(nano):
         ok = [found[k] == v for k, v in zip(("colour", "shape", "position", "background"), case)]
         for key, v in zip(hits, ok + [all(ok)]):
             hits[key] += v
-    # measured here on these 18: colour 18, shape 15, position 18, background 18, all four 15 (README: eval_nano.py
+    # measured here on these 18: colour 18, shape 16, position 18, background 18, all four 16 (README: eval_nano.py
     # on 60 and 240); chance is 6 shapes of 18
-    assert hits["colour"] >= 17 and hits["shape"] >= 13 and hits["position"] >= 17, hits
-    assert hits["background"] >= 17 and hits["all"] >= 13, hits
+    assert hits["colour"] >= 17 and hits["shape"] >= 15 and hits["position"] >= 17, hits
+    assert hits["background"] >= 17 and hits["all"] >= 15, hits
 
 
 @pytest.mark.parametrize("wording", CENTRE_WORDINGS)
@@ -93,14 +94,14 @@ def test_nano_reconstruction_and_img2img(nano):
                             .permute(2, 0, 1) / 255 for j, c in enumerate(cases)])
     back = nano.decode(nano.encode(list(pictures)), seed=0, output_type="pt", progress=False)
     assert back.shape == (8, 3, 64, 64)
-    assert psnr(back, pictures) > 25.5  # measured 26.31 dB (issue 15 asks for 25)
+    assert psnr(back, pictures) > 26.0  # measured 26.64 dB (issue 15 asks for 25)
     found = [analyse(to_uint8(b)) for b in back]
     kept_layout = [(f["colour"], f["position"], f["background"]) == (c[0], c[2], c[3]) for f, c in zip(found, cases)]
     assert sum(kept_layout) >= 7, kept_layout  # measured 8 of 8
-    assert sum(f["shape"] == c[1] for f, c in zip(found, cases)) >= 6, found  # measured 7 of 8 (chance: 2.7)
+    assert sum(f["shape"] == c[1] for f, c in zip(found, cases)) >= 7, found  # measured 8 of 8 (chance: 2.7)
     kept = torch.cat([nano.img2img(p, caption(*c), strength=0.0, seed=0, output_type="pt", progress=False)
                       for p, c in zip(pictures, cases)])
-    assert psnr(kept, pictures) > 26.5  # measured 27.16 dB (issue 15 asks for 25)
+    assert psnr(kept, pictures) > 27.0  # measured 27.56 dB (issue 15 asks for 25)
     layout = recoloured = reshaped = 0
     for j, (picture, (colour, shape, position, background)) in enumerate(zip(pictures, cases)):
         other = next(c for c in COLOURS if c not in (colour, background))
@@ -110,7 +111,7 @@ def test_nano_reconstruction_and_img2img(nano):
         layout += found["position"] == position and found["background"] == background
         recoloured += found["colour"] == other
         reshaped += found["shape"] == shape
-    assert layout >= 7 and recoloured >= 7 and reshaped >= 6  # measured 8, 8 and 7 of 8
+    assert layout >= 7 and recoloured >= 7 and reshaped >= 7  # measured 8 of 8 each
 
 
 def test_nano_previews(nano):
@@ -127,7 +128,8 @@ def test_nano_variation_says_it_has_no_image_encoder(nano):
 
 def test_the_recipe_trains_every_part_and_writes_a_bundle_the_pipeline_loads(tmp_path):
     """scripts/train_nano.py at 1/500 of its steps on 48 pictures: the encoder and Previewer, then Stage C beside
-    Stage A and Stage B, and the exported folder is a model bundle that samples at its own compression."""
+    Stage A and Stage B, Stage A's decoder refined, and the exported folder is a model bundle that samples at its own
+    compression."""
     import subprocess
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_nano.py"
@@ -138,8 +140,14 @@ def test_the_recipe_trains_every_part_and_writes_a_bundle_the_pipeline_loads(tmp
     manifest = json.loads((out / "model.json").read_text())
     assert manifest["compression"] == 16 and manifest["predictions"] == ["v", "v"] and manifest["shifts"] == [2, 4]
     record = json.loads((out / "training.json").read_text())
-    assert set(record["seconds"]) == {"encoder_s", "stage_c_s", "stage_a_s", "stage_b_s"}
-    assert (record["stage_c"]["steps"], record["stage_b"]["steps"]) == (14, 20)  # 7,000 and 10,000 scaled
+    assert set(record["seconds"]) == {"encoder_s", "stage_c_s", "stage_a_s", "stage_b_s", "stage_a_decoder_s"}
+    assert (record["stage_c"]["steps"], record["stage_b"]["steps"]) == (14, 30)  # 7,000 and 15,000 scaled
+    # the shipped Stage A is the trained one with its decoder refined: the encoder (Stage B's latent space) kept
+    trained = checkpoints.load_official(tmp_path / "work" / "parts" / "stage_a.safetensors")
+    shipped = checkpoints.load_diffusers(out / "decoder" / "vqgan", "stage_a").state_dict()
+    kept = [torch.equal(shipped[k], v) for k, v in trained.state_dict().items()]
+    not_decoder = [not k.startswith(("up_blocks", "out_block")) for k in trained.state_dict()]
+    assert kept == not_decoder, "the refinement must change the decoder and only the decoder"
     pipe = stablecascade.load_pipeline(str(out), str(out))
     assert pipe.compression == 16
     image = pipe(manifest["examples"][0], seed=0, prior_steps=2, decoder_steps=2, progress=False, output_type="pt")
