@@ -63,10 +63,10 @@ def test_nano_draws_what_the_prompt_asks_for(nano):
         ok = [found[k] == v for k, v in zip(("colour", "shape", "position", "background"), case)]
         for key, v in zip(hits, ok + [all(ok)]):
             hits[key] += v
-    # measured here on these 18: colour 18, shape 16, position 18, background 18, all four 16 (README: eval_nano.py
-    # on 60 and 240); chance is 6 shapes of 18
-    assert hits["colour"] >= 17 and hits["shape"] >= 15 and hits["position"] >= 17, hits
-    assert hits["background"] >= 17 and hits["all"] >= 15, hits
+    # measured here on these 18: 18 of each (README: eval_nano.py on 60 and 240 reads 0.93 of the shapes); chance is
+    # 6 shapes of 18
+    assert hits["colour"] >= 17 and hits["shape"] >= 16 and hits["position"] >= 17, hits
+    assert hits["background"] >= 17 and hits["all"] >= 16, hits
 
 
 @pytest.mark.parametrize("wording", CENTRE_WORDINGS)
