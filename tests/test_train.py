@@ -175,10 +175,12 @@ def test_training_lowers_the_loss(tmp_path, folder, task, extra):
     assert list((tmp_path / "run" / "samples").glob("*.png"))
 
 
-@pytest.mark.parametrize("task", ["c", "lcm", "lcm of stage b"])
+@pytest.mark.parametrize("task", ["c", "c cached", "lcm", "lcm of stage b"])
 def test_resume_is_exact(tmp_path, folder, task):
     kw = dict(task=task.split()[0], steps=4, ema_beta=0.9, grad_accum_steps=2, save_every=2, model_dropout=0.1,
               warmup_steps=3, multi_aspect=["1/1", "2/1"], bucket_random_ratio=0.5)
+    if task == "c cached":  # the nano recipe's Stage C: inputs from the training caches, the EMA starting late
+        kw.update(cache_latents=True, cache_text=True, ema_start=3, multi_aspect=[])
     if task == "lcm":  # a LoRA student on a Stage C whose output is not zero-initialised (its grads would be zero)
         kw.update(stage_c=str(_random_stage_c(tmp_path / "c.safetensors")), lcm_skip=250)
     if task == "lcm of stage b":  # a full-weight student of Stage B, on square images (a 64x32 one is too small)
@@ -193,6 +195,7 @@ def test_resume_is_exact(tmp_path, folder, task):
     for a, b in zip(full.ema.state_dict().values(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b)
     assert torch.equal(full.loss_weight.losses, resumed.loss_weight.losses)
+    assert (tmp_path / "b" / "run" / "cache").is_dir() == (task == "c cached")
 
 
 def random_tiny_stage_c() -> StageC:
