@@ -95,7 +95,6 @@ def refine_stage_a_decoder(data: Path, stage_a_file: Path, steps: int, batch: in
     read the shapes of 46 held-out pictures back through Stage A 0.89 of the time; after 1,500 decoder steps 0.96)."""
     from stablecascade import checkpoints
 
-    torch.manual_seed(seed)
     model = checkpoints.load_official(stage_a_file).eval().requires_grad_(False)  # BatchNorm keeps its statistics
     decoder = [*model.up_blocks.parameters(), *model.out_block.parameters()]
     for p in decoder:
